@@ -1,0 +1,188 @@
+"""The geometry of a Linear or Conv2d layer, independent of its weights.
+
+A decomposed layer must behave exactly like the layer it replaces, so it keeps
+this description and builds every sub-convolution from it. It is a frozen
+dataclass that round-trips through JSON, which is how recipes record what a
+layer was before it was decomposed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from stagecomp.errors import UnsupportedLayerError
+
+_PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+def _pair(value: Any) -> tuple[int, int]:
+    if isinstance(value, int):
+        return (value, value)
+    first, second = value
+    return (int(first), int(second))
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """Everything about a Linear or Conv2d layer except its weights.
+
+    A Linear layer is described as a 1x1 convolution with ``kind="linear"``, so
+    the decompositions see one weight layout, ``(out, in / groups, kh, kw)``.
+    """
+
+    kind: str
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, int] = (1, 1)
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] | str = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+    bias: bool = True
+    padding_mode: str = "zeros"
+
+    @classmethod
+    def from_module(cls, module: nn.Module, name: str | None = None) -> LayerShape:
+        """Describe ``module``; raise ``UnsupportedLayerError`` for anything but Linear/Conv2d."""
+        label = name or type(module).__name__
+        shape = getattr(module, "shape", None)
+        if isinstance(shape, LayerShape):  # an already decomposed layer
+            return shape
+        if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
+            raise UnsupportedLayerError(
+                f"layer {label!r} is a lazy module whose shape is not known yet: "
+                "run one forward pass before decomposing it"
+            )
+        if isinstance(module, nn.Linear):
+            return cls(
+                kind="linear",
+                in_channels=module.in_features,
+                out_channels=module.out_features,
+                bias=module.bias is not None,
+            )
+        if isinstance(module, nn.Conv2d):
+            if module.transposed:
+                raise UnsupportedLayerError(
+                    f"layer {label!r} is a transposed convolution; only nn.Linear and "
+                    "nn.Conv2d can be decomposed"
+                )
+            padding = module.padding if isinstance(module.padding, str) else _pair(module.padding)
+            return cls(
+                kind="conv2d",
+                in_channels=module.in_channels,
+                out_channels=module.out_channels,
+                kernel_size=_pair(module.kernel_size),
+                stride=_pair(module.stride),
+                padding=padding,
+                dilation=_pair(module.dilation),
+                groups=module.groups,
+                bias=module.bias is not None,
+                padding_mode=module.padding_mode,
+            )
+        raise UnsupportedLayerError(
+            f"layer {label!r} is a {type(module).__name__}; stagecomp decomposes nn.Linear and "
+            "nn.Conv2d (and layers it has already decomposed)"
+        )
+
+    @property
+    def in_per_group(self) -> int:
+        return self.in_channels // self.groups
+
+    @property
+    def out_per_group(self) -> int:
+        return self.out_channels // self.groups
+
+    @property
+    def kernel_numel(self) -> int:
+        return self.kernel_size[0] * self.kernel_size[1]
+
+    @property
+    def is_pointwise(self) -> bool:
+        """True for Linear layers and 1x1 convolutions (a plain matrix per group)."""
+        return self.kernel_size == (1, 1)
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        """Shape of the original module's ``weight``."""
+        if self.kind == "linear":
+            return (self.out_channels, self.in_channels)
+        return (self.out_channels, self.in_per_group, *self.kernel_size)
+
+    @property
+    def weight_numel(self) -> int:
+        return self.out_channels * self.in_per_group * self.kernel_numel
+
+    @property
+    def dense_params(self) -> int:
+        """Parameters of the original layer, bias included."""
+        return self.weight_numel + (self.out_channels if self.bias else 0)
+
+    def conv_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments that give a Conv2d this layer's spatial behaviour."""
+        return {
+            "stride": self.stride,
+            "padding": self.padding,
+            "dilation": self.dilation,
+            "padding_mode": self.padding_mode,
+        }
+
+    def grouped_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """View a module weight as ``(groups, out/g, in/g, kh, kw)``."""
+        return weight.reshape(
+            self.groups, self.out_per_group, self.in_per_group, *self.kernel_size
+        )
+
+    def module_weight(self, grouped: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`grouped_weight`: back to the module's own weight layout."""
+        return grouped.reshape(self.weight_shape)
+
+    def build_dense(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> nn.Linear | nn.Conv2d:
+        """A fresh nn.Linear or nn.Conv2d with this geometry (default initialisation)."""
+        if self.kind == "linear":
+            return nn.Linear(
+                self.in_channels, self.out_channels, bias=self.bias, device=device, dtype=dtype
+            )
+        return nn.Conv2d(
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            groups=self.groups,
+            bias=self.bias,
+            device=device,
+            dtype=dtype,
+            **self.conv_kwargs(),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready description (tuples become lists)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LayerShape:
+        padding = data.get("padding", (0, 0))
+        return cls(
+            kind=str(data["kind"]),
+            in_channels=int(data["in_channels"]),
+            out_channels=int(data["out_channels"]),
+            kernel_size=_pair(data.get("kernel_size", (1, 1))),
+            stride=_pair(data.get("stride", (1, 1))),
+            padding=padding if isinstance(padding, str) else _pair(padding),
+            dilation=_pair(data.get("dilation", (1, 1))),
+            groups=int(data.get("groups", 1)),
+            bias=bool(data.get("bias", True)),
+            padding_mode=str(data.get("padding_mode", "zeros")),
+        )
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("linear", "conv2d"):
+            raise UnsupportedLayerError(f"layer kind {self.kind!r}: allowed 'linear', 'conv2d'")
+        if self.padding_mode not in _PADDING_MODES:
+            raise UnsupportedLayerError(
+                f"padding_mode {self.padding_mode!r}: allowed {', '.join(_PADDING_MODES)}"
+            )

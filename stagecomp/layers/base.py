@@ -1,0 +1,241 @@
+"""The contract every decomposed layer follows.
+
+A decomposed layer replaces one nn.Linear or nn.Conv2d. It knows the geometry
+of the layer it replaced (``shape``), the ranks it was built with, and how to
+give the dense layer back (``to_dense``). Class methods answer questions a
+rank strategy needs before decomposing anything: which rank is exact, and how
+many parameters a rank costs.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+from typing import Any, ClassVar, TypeVar, Union
+
+import torch
+from torch import nn
+
+from stagecomp.errors import NonFiniteWeightError, RankError, UnsupportedLayerError
+from stagecomp.layer_shape import LayerShape
+from stagecomp.options import DecomposeOptions
+
+Rank = Union[int, Sequence[int]]
+"""A rank as users give it: one int (a cap on every rank) or one int per rank."""
+
+_LayerT = TypeVar("_LayerT", bound="DecomposedLayer")
+
+# Below this many weights the factorisation runs in float64: it costs little and
+# keeps full-rank reconstructions exact to ~1e-12.
+_FLOAT64_MAX_NUMEL = 1 << 18
+
+
+def describe(shape: LayerShape, name: str | None) -> str:
+    """Short human description of a layer for error messages."""
+    label = f"layer {name!r}" if name else "layer"
+    if shape.kind == "linear":
+        return f"{label} (Linear {shape.in_channels}->{shape.out_channels})"
+    kh, kw = shape.kernel_size
+    groups = f", groups={shape.groups}" if shape.groups > 1 else ""
+    return f"{label} (Conv2d {shape.in_channels}->{shape.out_channels}, {kh}x{kw}{groups})"
+
+
+def math_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype the factorisation runs in: float64 for small layers, else float32."""
+    if weight.dtype == torch.float64 or weight.numel() <= _FLOAT64_MAX_NUMEL:
+        return torch.float64
+    return torch.float32
+
+
+class DecomposedLayer(nn.Module):
+    """Base class of the modules that replace a decomposed Linear or Conv2d.
+
+    Subclasses implement ``full_rank``, ``param_count``, ``from_weights``,
+    ``dense_weight`` and ``dense_bias``; build their submodules in ``__init__``
+    from ``(shape, ranks, options)`` alone, with an initialisation fit for
+    training from scratch, so that loading a saved model needs no decomposition.
+    """
+
+    method: ClassVar[str]
+    """The name users pass to ``stagecomp.decompose`` ("svd", "tucker2", ...)."""
+    kinds: ClassVar[tuple[str, ...]]
+    """The ``LayerShape.kind`` values this class replaces."""
+    rank_names: ClassVar[tuple[str, ...]] = ("rank",)
+    """What each rank number means, for messages and reports."""
+
+    def __init__(
+        self,
+        shape: LayerShape,
+        ranks: Sequence[int],
+        options: DecomposeOptions | None = None,
+    ) -> None:
+        super().__init__()
+        self.shape = shape
+        self.ranks = tuple(int(r) for r in ranks)
+        self.options = options or DecomposeOptions()
+
+    # ------------------------------------------------------------------ contract
+    @classmethod
+    def unsupported_reason(cls, shape: LayerShape, options: DecomposeOptions) -> str | None:
+        """Why this method cannot replace a layer of ``shape`` (None when it can)."""
+        return None
+
+    @classmethod
+    def full_rank(cls, shape: LayerShape, options: DecomposeOptions) -> tuple[int, ...]:
+        """The largest allowed ranks; at these ranks the decomposition is exact."""
+        raise NotImplementedError
+
+    @classmethod
+    def param_count(
+        cls, shape: LayerShape, ranks: Sequence[int], options: DecomposeOptions
+    ) -> int:
+        """Parameters (bias included) of the layer this class builds for ``ranks``."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_weights(
+        cls: type[_LayerT],
+        shape: LayerShape,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        ranks: tuple[int, ...],
+        options: DecomposeOptions,
+    ) -> _LayerT:
+        """Factorise ``weight`` (module layout, float32/64) into a new layer of ``ranks``."""
+        raise NotImplementedError
+
+    def dense_weight(self) -> torch.Tensor:
+        """The weight of the equivalent dense layer, in the original module's layout."""
+        raise NotImplementedError
+
+    def dense_bias(self) -> torch.Tensor | None:
+        """The bias of the equivalent dense layer."""
+        raise NotImplementedError
+
+    def structure(self) -> dict[str, Any]:
+        """Options that fix this layer's structure beyond its ranks (e.g. TT modes)."""
+        return {}
+
+    # ------------------------------------------------------------------ shared
+    @classmethod
+    def check_supported(
+        cls, shape: LayerShape, options: DecomposeOptions, name: str | None = None
+    ) -> None:
+        """Raise ``UnsupportedLayerError`` when this method cannot replace the layer."""
+        if shape.kind not in cls.kinds:
+            raise UnsupportedLayerError(
+                f"{describe(shape, name)}: method {cls.method!r} does not apply to "
+                f"{shape.kind} layers (it applies to {', '.join(cls.kinds)})"
+            )
+        reason = cls.unsupported_reason(shape, options)
+        if reason is not None:
+            raise UnsupportedLayerError(
+                f"{describe(shape, name)}: method {cls.method!r} cannot be used: {reason}"
+            )
+
+    @classmethod
+    def normalize_rank(
+        cls,
+        shape: LayerShape,
+        rank: Rank,
+        options: DecomposeOptions | None = None,
+        name: str | None = None,
+    ) -> tuple[int, ...]:
+        """Turn a user rank into one valid int per rank, or raise ``RankError``.
+
+        One int caps every rank at that value (ranks smaller than it stay full);
+        a sequence gives each rank exactly.
+        """
+        options = options or DecomposeOptions()
+        cls.check_supported(shape, options, name)
+        full = cls.full_rank(shape, options)
+        where = f"{describe(shape, name)}, method {cls.method!r}"
+        allowed = (
+            f"an integer from 1 to {max(full)}, or {len(full)} integers "
+            f"({', '.join(cls._names(len(full)))}) each from 1 up to {tuple(full)}"
+        )
+        if len(full) == 1:
+            allowed = f"an integer from 1 to {full[0]}"
+        if isinstance(rank, bool) or not isinstance(rank, (int, Sequence)) and not hasattr(
+            rank, "__index__"
+        ):
+            raise RankError(f"{where}: rank {rank!r} is not allowed; expected {allowed}")
+        if not isinstance(rank, Sequence):
+            value = cls._as_int(rank, where, allowed)
+            if value < 1 or value > max(full):
+                raise RankError(f"{where}: rank {value} is out of range; expected {allowed}")
+            return tuple(min(value, f) for f in full)
+        values = tuple(cls._as_int(r, where, allowed) for r in rank)
+        if len(values) != len(full):
+            raise RankError(
+                f"{where}: rank {tuple(values)} has {len(values)} entries; expected {allowed}"
+            )
+        if any(v < 1 or v > f for v, f in zip(values, full)):
+            raise RankError(f"{where}: rank {values} is out of range; expected {allowed}")
+        return values
+
+    @classmethod
+    def _names(cls, count: int) -> tuple[str, ...]:
+        if len(cls.rank_names) == count:
+            return cls.rank_names
+        return tuple(f"r{i}" for i in range(count))
+
+    @staticmethod
+    def _as_int(value: Any, where: str, allowed: str) -> int:
+        if isinstance(value, bool):
+            raise RankError(f"{where}: rank {value!r} is not allowed; expected {allowed}")
+        try:
+            return operator.index(value)
+        except TypeError:
+            raise RankError(
+                f"{where}: rank {value!r} is not an integer; expected {allowed}"
+            ) from None
+
+    @classmethod
+    def from_module(
+        cls: type[_LayerT],
+        module: nn.Module,
+        rank: Rank,
+        options: DecomposeOptions | None = None,
+        name: str | None = None,
+    ) -> _LayerT:
+        """Decompose ``module`` (left untouched) into a new layer on its device and dtype."""
+        options = options or DecomposeOptions()
+        shape = LayerShape.from_module(module, name)
+        ranks = cls.normalize_rank(shape, rank, options, name)
+        if isinstance(module, DecomposedLayer):
+            weight, bias = module.dense_weight(), module.dense_bias()
+        else:
+            weight = module.weight  # type: ignore[assignment]
+            bias = module.bias  # type: ignore[assignment]
+        with torch.no_grad():
+            dtype = math_dtype(weight)
+            w = weight.detach().to(dtype)
+            b = None if bias is None else bias.detach().to(dtype)
+            if not torch.isfinite(w).all() or (b is not None and not torch.isfinite(b).all()):
+                raise NonFiniteWeightError(
+                    f"{describe(shape, name)} has NaN or infinite weights; "
+                    "only finite weights can be decomposed"
+                )
+            layer = cls.from_weights(shape, w, b, ranks, options)
+        layer.to(device=weight.device, dtype=weight.dtype)
+        layer.train(module.training)
+        layer.requires_grad_(weight.requires_grad)
+        return layer
+
+    def to_dense(self) -> nn.Linear | nn.Conv2d:
+        """An ordinary layer computing the same function, on this layer's device and dtype."""
+        weight = self.dense_weight()
+        bias = self.dense_bias()
+        dense = self.shape.build_dense(device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            dense.weight.copy_(weight)
+            if bias is not None and dense.bias is not None:
+                dense.bias.copy_(bias)
+        dense.train(self.training)
+        return dense
+
+    def extra_repr(self) -> str:
+        names = self._names(len(self.ranks))
+        ranks = ", ".join(f"{n}={r}" for n, r in zip(names, self.ranks))
+        return f"method={self.method!r}, {ranks}"

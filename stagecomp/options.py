@@ -1,0 +1,49 @@
+"""Knobs of the decomposition algorithms, one frozen dataclass for all methods."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+
+@dataclass(frozen=True)
+class DecomposeOptions:
+    """How factors are computed; ranks are given separately.
+
+    Attributes:
+        seed: Seed of every randomized step (randomized SVD, CP starts), so runs repeat.
+        svd_solver: ``"auto"`` picks the exact SVD for small matrices and a randomized
+            range finder for large ones with a small rank; ``"exact"`` or ``"randomized"``
+            force one.
+        hooi_iters: HOOI refinement sweeps after the HOSVD start of Tucker2. One sweep
+            gets nearly all of the gain; 0 keeps the plain HOSVD.
+        cp_max_iter: Cap on CP-ALS sweeps, so a bad fit stops instead of running for minutes.
+        cp_tol: CP-ALS stops when the relative fit error improves by less than this.
+        tt_cores: Number of channel modes the TT layers split ``in`` and ``out`` into
+            when no explicit modes are given (``None``: 3 for Linear, 2 for Conv2d).
+        tt_in_modes: Explicit factorisation of the input channels for TT (product must
+            equal the per-group input size).
+        tt_out_modes: Explicit factorisation of the output channels for TT.
+    """
+
+    seed: int = 0
+    svd_solver: str = "auto"
+    hooi_iters: int = 1
+    cp_max_iter: int = 200
+    cp_tol: float = 1e-7
+    tt_cores: int | None = None
+    tt_in_modes: tuple[int, ...] | None = None
+    tt_out_modes: tuple[int, ...] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DecomposeOptions:
+        known = {f.name for f in fields(cls)}
+        clean = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in known}
+        return cls(**clean)
+
+    def updated(self, changes: dict[str, Any]) -> DecomposeOptions:
+        """A copy with ``changes`` applied (e.g. a layer's recorded TT modes)."""
+        return replace(self, **changes)
