@@ -1,0 +1,112 @@
+"""SVD Conv2d: a kxk conv ``in -> r`` then a 1x1 conv ``r -> out`` (per group).
+
+For 1x1 convolutions this is MUSCO's SVD; for kxk kernels it is the SVD of the
+weight unfolded as ``(out, in * kh * kw)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from stagecomp.decompositions.svd import truncated_svd
+from stagecomp.layer_shape import LayerShape
+from stagecomp.layers.base import DecomposedLayer
+from stagecomp.layers.init import init_bias_, init_factor_chain_
+from stagecomp.options import DecomposeOptions
+
+
+class SVDConv2d(DecomposedLayer):
+    """A Conv2d factorised by truncated SVD of each group's unfolded kernel."""
+
+    method = "svd"
+    kinds = ("conv2d",)
+
+    def __init__(
+        self,
+        shape: LayerShape,
+        ranks: Sequence[int],
+        options: DecomposeOptions | None = None,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(shape, ranks, options)
+        (rank,) = self.ranks
+        groups = shape.groups
+        self.first = nn.Conv2d(
+            shape.in_channels,
+            groups * rank,
+            shape.kernel_size,
+            groups=groups,
+            bias=False,
+            device=device,
+            dtype=dtype,
+            **shape.conv_kwargs(),
+        )
+        self.second = nn.Conv2d(
+            groups * rank,
+            shape.out_channels,
+            1,
+            groups=groups,
+            bias=shape.bias,
+            device=device,
+            dtype=dtype,
+        )
+        fan_in = shape.in_per_group * shape.kernel_numel
+        init_factor_chain_([self.first.weight, self.second.weight], fan_in, [rank])
+        init_bias_(self.second.bias, fan_in)
+
+    @classmethod
+    def full_rank(cls, shape: LayerShape, options: DecomposeOptions) -> tuple[int, ...]:
+        return (min(shape.out_per_group, shape.in_per_group * shape.kernel_numel),)
+
+    @classmethod
+    def param_count(
+        cls, shape: LayerShape, ranks: Sequence[int], options: DecomposeOptions
+    ) -> int:
+        (rank,) = ranks
+        per_group = rank * (shape.in_per_group * shape.kernel_numel + shape.out_per_group)
+        return shape.groups * per_group + (shape.out_channels if shape.bias else 0)
+
+    @classmethod
+    def from_weights(
+        cls,
+        shape: LayerShape,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        ranks: tuple[int, ...],
+        options: DecomposeOptions,
+    ) -> SVDConv2d:
+        layer = cls(shape, ranks, options, device=weight.device, dtype=weight.dtype)
+        (rank,) = ranks
+        grouped = shape.grouped_weight(weight)
+        firsts, seconds = [], []
+        for g in range(shape.groups):
+            matrix = grouped[g].reshape(shape.out_per_group, -1)
+            u, s, vh = truncated_svd(matrix, rank, solver=options.svd_solver, seed=options.seed)
+            root = s.sqrt()
+            firsts.append(root[:, None] * vh)
+            seconds.append(u * root[None, :])
+        layer.first.weight.copy_(
+            torch.cat(firsts).reshape(shape.groups * rank, shape.in_per_group, *shape.kernel_size)
+        )
+        layer.second.weight.copy_(torch.cat(seconds).reshape(shape.out_channels, rank, 1, 1))
+        if bias is not None and layer.second.bias is not None:
+            layer.second.bias.copy_(bias)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.first(x))
+
+    def dense_weight(self) -> torch.Tensor:
+        shape = self.shape
+        (rank,) = self.ranks
+        first = self.first.weight.reshape(shape.groups, rank, -1)
+        second = self.second.weight.reshape(shape.groups, shape.out_per_group, rank)
+        return shape.module_weight(torch.bmm(second, first))
+
+    def dense_bias(self) -> torch.Tensor | None:
+        return self.second.bias

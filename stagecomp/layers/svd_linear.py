@@ -1,0 +1,82 @@
+"""SVD Linear: ``W ~ B A`` as two Linear layers, ``in -> r -> out``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from stagecomp.decompositions.svd import truncated_svd
+from stagecomp.layer_shape import LayerShape
+from stagecomp.layers.base import DecomposedLayer
+from stagecomp.layers.init import init_bias_, init_factor_chain_
+from stagecomp.options import DecomposeOptions
+
+
+class SVDLinear(DecomposedLayer):
+    """A Linear layer factorised by truncated SVD.
+
+    The singular values are split evenly (``sqrt(S)`` on each side) so both
+    factors have the same scale, which keeps fine-tuning well conditioned.
+    """
+
+    method = "svd"
+    kinds = ("linear",)
+
+    def __init__(
+        self,
+        shape: LayerShape,
+        ranks: Sequence[int],
+        options: DecomposeOptions | None = None,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(shape, ranks, options)
+        (rank,) = self.ranks
+        self.first = nn.Linear(shape.in_channels, rank, bias=False, device=device, dtype=dtype)
+        self.second = nn.Linear(
+            rank, shape.out_channels, bias=shape.bias, device=device, dtype=dtype
+        )
+        init_factor_chain_([self.first.weight, self.second.weight], shape.in_channels, [rank])
+        init_bias_(self.second.bias, shape.in_channels)
+
+    @classmethod
+    def full_rank(cls, shape: LayerShape, options: DecomposeOptions) -> tuple[int, ...]:
+        return (min(shape.in_channels, shape.out_channels),)
+
+    @classmethod
+    def param_count(
+        cls, shape: LayerShape, ranks: Sequence[int], options: DecomposeOptions
+    ) -> int:
+        (rank,) = ranks
+        bias = shape.out_channels if shape.bias else 0
+        return rank * (shape.in_channels + shape.out_channels) + bias
+
+    @classmethod
+    def from_weights(
+        cls,
+        shape: LayerShape,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        ranks: tuple[int, ...],
+        options: DecomposeOptions,
+    ) -> SVDLinear:
+        layer = cls(shape, ranks, options, device=weight.device, dtype=weight.dtype)
+        u, s, vh = truncated_svd(weight, ranks[0], solver=options.svd_solver, seed=options.seed)
+        root = s.sqrt()
+        layer.first.weight.copy_(root[:, None] * vh)
+        layer.second.weight.copy_(u * root[None, :])
+        if bias is not None and layer.second.bias is not None:
+            layer.second.bias.copy_(bias)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.first(x))
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.second.weight @ self.first.weight
+
+    def dense_bias(self) -> torch.Tensor | None:
+        return self.second.bias
