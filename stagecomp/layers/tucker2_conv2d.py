@@ -1,0 +1,195 @@
+"""Tucker2 Conv2d: 1x1 conv ``in -> r_in``, kxk conv ``r_in -> r_out``, 1x1 conv ``r_out -> out``.
+
+The channel modes of the kernel are compressed and the spatial ones kept
+(Kim et al. 2016; the decomposition MUSCO refines stage after stage). The
+padding lives in the middle convolution: the first 1x1 conv has no bias, so it
+maps zero padding to zero padding and commutes with reflect, replicate and
+circular padding, which copy whole channels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from stagecomp.decompositions.tucker2 import tucker2, tucker2_recompress
+from stagecomp.errors import NonFiniteWeightError
+from stagecomp.layer_shape import LayerShape
+from stagecomp.layers.base import DecomposedLayer, Rank, describe
+from stagecomp.layers.init import init_bias_, init_factor_chain_
+from stagecomp.options import DecomposeOptions
+
+_Factors = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+class Tucker2Conv2d(DecomposedLayer):
+    """A Conv2d factorised by Tucker2 of each group's kernel; ranks ``(r_out, r_in)`` per group.
+
+    The factor convolutions start with orthonormal channel bases and all of the
+    kernel's energy in the core, as HOSVD/HOOI produce them.
+    """
+
+    method = "tucker2"
+    kinds = ("conv2d",)
+    rank_names = ("r_out", "r_in")
+
+    def __init__(
+        self,
+        shape: LayerShape,
+        ranks: Sequence[int],
+        options: DecomposeOptions | None = None,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(shape, ranks, options)
+        r_out, r_in = self.ranks
+        groups = shape.groups
+        self.first = nn.Conv2d(
+            shape.in_channels,
+            groups * r_in,
+            1,
+            groups=groups,
+            bias=False,
+            device=device,
+            dtype=dtype,
+        )
+        self.core = nn.Conv2d(
+            groups * r_in,
+            groups * r_out,
+            shape.kernel_size,
+            groups=groups,
+            bias=False,
+            device=device,
+            dtype=dtype,
+            **shape.conv_kwargs(),
+        )
+        self.last = nn.Conv2d(
+            groups * r_out,
+            shape.out_channels,
+            1,
+            groups=groups,
+            bias=shape.bias,
+            device=device,
+            dtype=dtype,
+        )
+        fan_in = shape.in_per_group * shape.kernel_numel
+        init_factor_chain_(
+            [self.first.weight, self.core.weight, self.last.weight], fan_in, [r_out, r_in]
+        )
+        init_bias_(self.last.bias, fan_in)
+
+    @classmethod
+    def full_rank(cls, shape: LayerShape, options: DecomposeOptions) -> tuple[int, ...]:
+        return (shape.out_per_group, shape.in_per_group)
+
+    @classmethod
+    def param_count(cls, shape: LayerShape, ranks: Sequence[int], options: DecomposeOptions) -> int:
+        r_out, r_in = ranks
+        per_group = (
+            shape.in_per_group * r_in
+            + r_out * r_in * shape.kernel_numel
+            + r_out * shape.out_per_group
+        )
+        return shape.groups * per_group + (shape.out_channels if shape.bias else 0)
+
+    @classmethod
+    def from_weights(
+        cls,
+        shape: LayerShape,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        ranks: tuple[int, ...],
+        options: DecomposeOptions,
+    ) -> Tucker2Conv2d:
+        r_out, r_in = ranks
+        layer = cls(shape, ranks, options, device=weight.device, dtype=weight.dtype)
+        grouped = shape.grouped_weight(weight)
+        factors = [
+            tucker2(grouped[g], (r_out, r_in), hooi_iters=options.hooi_iters)
+            for g in range(shape.groups)
+        ]
+        layer._load_factors(factors, bias)
+        return layer
+
+    def recompressed(
+        self, rank: Rank, options: DecomposeOptions | None = None, name: str | None = None
+    ) -> Tucker2Conv2d:
+        """This layer at new ranks, straight from its factors (no dense kernel formed).
+
+        The result equals ``Tucker2Conv2d.from_module(self.to_dense(), rank)`` up to
+        float error, at a cost set by the current ranks rather than the layer's size.
+        The factors need not be orthonormal any more (e.g. after fine-tuning): they
+        are QR-factorised first (see ``tucker2_recompress``).
+        """
+        options = options or self.options
+        shape = self.shape
+        ranks = self.normalize_rank(shape, rank, options, name)
+        r_out, r_in = self.ranks
+        with torch.no_grad():
+            dtype = torch.float64  # the factors are small; float64 costs little
+            groups = shape.groups
+            first = self.first.weight.to(dtype).reshape(groups, r_in, -1)
+            core = self.core.weight.to(dtype).reshape(groups, r_out, r_in, *shape.kernel_size)
+            last = self.last.weight.to(dtype).reshape(groups, -1, r_out)
+            if not all(bool(torch.isfinite(t).all()) for t in (first, core, last)):
+                raise NonFiniteWeightError(
+                    f"{describe(shape, name)} has NaN or infinite factors; "
+                    "only finite weights can be decomposed"
+                )
+            factors = [
+                tucker2_recompress(
+                    core[g],
+                    last[g],
+                    first[g].T,
+                    (ranks[0], ranks[1]),
+                    hooi_iters=options.hooi_iters,
+                )
+                for g in range(groups)
+            ]
+            layer = type(self)(shape, ranks, options, device=first.device, dtype=dtype)
+            bias = self.last.bias
+            layer._load_factors(factors, None if bias is None else bias.to(dtype))
+        return layer.matched_to(self.core.weight, self.training)
+
+    def _load_factors(self, factors: Sequence[_Factors], bias: torch.Tensor | None) -> None:
+        """Copy per-group ``(core, u_out, u_in)`` into the three convolutions."""
+        shape = self.shape
+        r_out, r_in = self.ranks
+        with torch.no_grad():
+            self.first.weight.copy_(
+                torch.cat([u_in.T for _, _, u_in in factors]).reshape(
+                    shape.groups * r_in, shape.in_per_group, 1, 1
+                )
+            )
+            self.core.weight.copy_(
+                torch.cat([core for core, _, _ in factors]).reshape(
+                    shape.groups * r_out, r_in, *shape.kernel_size
+                )
+            )
+            self.last.weight.copy_(
+                torch.cat([u_out for _, u_out, _ in factors]).reshape(
+                    shape.out_channels, r_out, 1, 1
+                )
+            )
+            if bias is not None and self.last.bias is not None:
+                self.last.bias.copy_(bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last(self.core(self.first(x)))
+
+    def dense_weight(self) -> torch.Tensor:
+        shape = self.shape
+        r_out, r_in = self.ranks
+        groups = shape.groups
+        first = self.first.weight.reshape(groups, r_in, shape.in_per_group)
+        core = self.core.weight.reshape(groups, r_out, r_in * shape.kernel_numel)
+        last = self.last.weight.reshape(groups, shape.out_per_group, r_out)
+        outer = torch.bmm(last, core).reshape(groups, shape.out_per_group, r_in, -1)
+        dense = torch.einsum("gobk,gbi->goik", outer, first)
+        return shape.module_weight(dense)
+
+    def dense_bias(self) -> torch.Tensor | None:
+        return self.last.bias
