@@ -76,3 +76,20 @@ def _randomized_svd(
 def singular_values(matrix: torch.Tensor) -> torch.Tensor:
     """All singular values of ``matrix``, largest first (no vectors computed)."""
     return torch.linalg.svdvals(matrix)
+
+
+def svd_recompress(
+    left: torch.Tensor, right: torch.Tensor, rank: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Truncated SVD of ``left @ right`` without forming the product.
+
+    A factorised matrix ``B A`` (``B`` is ``m x r``, ``A`` is ``r x n``) is
+    re-truncated through thin QRs of both factors and an SVD of the small
+    ``r x r`` middle, costing O((m + n) r^2) instead of O(m n min(m, n)), with
+    the same result as the exact SVD of the product.
+    """
+    q_left, r_left = torch.linalg.qr(left)
+    q_right, r_right = torch.linalg.qr(right.T)
+    u, s, vh = torch.linalg.svd(r_left @ r_right.T, full_matrices=False)
+    rank = min(rank, s.numel())
+    return q_left @ u[:, :rank], s[:rank], vh[:rank] @ q_right.T

@@ -156,8 +156,8 @@ class DecomposedLayer(nn.Module):
         )
         if len(full) == 1:
             allowed = f"an integer from 1 to {full[0]}"
-        if isinstance(rank, bool) or not isinstance(rank, (int, Sequence)) and not hasattr(
-            rank, "__index__"
+        if isinstance(rank, (bool, str, bytes)) or not (
+            isinstance(rank, Sequence) or hasattr(rank, "__index__")
         ):
             raise RankError(f"{where}: rank {rank!r} is not allowed; expected {allowed}")
         if not isinstance(rank, Sequence):
@@ -218,10 +218,28 @@ class DecomposedLayer(nn.Module):
                     "only finite weights can be decomposed"
                 )
             layer = cls.from_weights(shape, w, b, ranks, options)
-        layer.to(device=weight.device, dtype=weight.dtype)
-        layer.train(module.training)
-        layer.requires_grad_(weight.requires_grad)
-        return layer
+        return layer.matched_to(weight, module.training)
+
+    def matched_to(self: _LayerT, reference: torch.Tensor, training: bool) -> _LayerT:
+        """Move to ``reference``'s device and dtype, take its ``requires_grad`` and ``training``.
+
+        Factors are computed in float32/float64; the new layer must still look
+        like the one it replaces to the rest of the model and to the optimizer.
+        """
+        self.to(device=reference.device, dtype=reference.dtype)
+        self.train(training)
+        self.requires_grad_(reference.requires_grad)
+        return self
+
+    def recompressed(
+        self, rank: Rank, options: DecomposeOptions | None = None, name: str | None = None
+    ) -> DecomposedLayer:
+        """This layer at smaller ranks, for a later compression stage.
+
+        The default decomposes the equivalent dense weight again; subclasses with
+        a cheaper exact route (re-factorising a core) override it.
+        """
+        return type(self).from_module(self, rank, options or self.options, name)
 
     def to_dense(self) -> nn.Linear | nn.Conv2d:
         """An ordinary layer computing the same function, on this layer's device and dtype."""

@@ -11,9 +11,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from stagecomp.decompositions.svd import truncated_svd
+from stagecomp.decompositions.svd import svd_recompress, truncated_svd
 from stagecomp.layer_shape import LayerShape
-from stagecomp.layers.base import DecomposedLayer
+from stagecomp.layers.base import DecomposedLayer, Rank
 from stagecomp.layers.init import init_bias_, init_factor_chain_
 from stagecomp.options import DecomposeOptions
 
@@ -81,22 +81,50 @@ class SVDConv2d(DecomposedLayer):
         options: DecomposeOptions,
     ) -> SVDConv2d:
         layer = cls(shape, ranks, options, device=weight.device, dtype=weight.dtype)
-        (rank,) = ranks
         grouped = shape.grouped_weight(weight)
-        firsts, seconds = [], []
-        for g in range(shape.groups):
-            matrix = grouped[g].reshape(shape.out_per_group, -1)
-            u, s, vh = truncated_svd(matrix, rank, solver=options.svd_solver, seed=options.seed)
-            root = s.sqrt()
-            firsts.append(root[:, None] * vh)
-            seconds.append(u * root[None, :])
-        layer.first.weight.copy_(
+        triplets = [
+            truncated_svd(
+                grouped[g].reshape(shape.out_per_group, -1),
+                ranks[0],
+                solver=options.svd_solver,
+                seed=options.seed,
+            )
+            for g in range(shape.groups)
+        ]
+        layer._assign(triplets, bias)
+        return layer
+
+    def recompressed(
+        self, rank: Rank, options: DecomposeOptions | None = None, name: str | None = None
+    ) -> SVDConv2d:
+        """Smaller ranks straight from each group's two factors (exactly their SVD)."""
+        options = options or self.options
+        ranks = self.normalize_rank(self.shape, rank, options, name)
+        shape, (old,) = self.shape, self.ranks
+        with torch.no_grad():
+            dtype = torch.float64
+            first = self.first.weight.to(dtype).reshape(shape.groups, old, -1)
+            second = self.second.weight.to(dtype).reshape(shape.groups, -1, old)
+            triplets = [svd_recompress(second[g], first[g], ranks[0]) for g in range(shape.groups)]
+            layer = type(self)(shape, ranks, options, device=first.device, dtype=dtype)
+            layer._assign(triplets, None if self.second.bias is None else self.second.bias.to(dtype))
+        return layer.matched_to(self.first.weight, self.training)
+
+    @torch.no_grad()
+    def _assign(
+        self,
+        triplets: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+        bias: torch.Tensor | None,
+    ) -> None:
+        shape, (rank,) = self.shape, self.ranks
+        firsts = [s.sqrt()[:, None] * vh for _, s, vh in triplets]
+        seconds = [u * s.sqrt()[None, :] for u, s, _ in triplets]
+        self.first.weight.copy_(
             torch.cat(firsts).reshape(shape.groups * rank, shape.in_per_group, *shape.kernel_size)
         )
-        layer.second.weight.copy_(torch.cat(seconds).reshape(shape.out_channels, rank, 1, 1))
-        if bias is not None and layer.second.bias is not None:
-            layer.second.bias.copy_(bias)
-        return layer
+        self.second.weight.copy_(torch.cat(seconds).reshape(shape.out_channels, rank, 1, 1))
+        if bias is not None and self.second.bias is not None:
+            self.second.bias.copy_(bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.second(self.first(x))

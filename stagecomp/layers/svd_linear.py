@@ -7,9 +7,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from stagecomp.decompositions.svd import truncated_svd
+from stagecomp.decompositions.svd import svd_recompress, truncated_svd
 from stagecomp.layer_shape import LayerShape
-from stagecomp.layers.base import DecomposedLayer
+from stagecomp.layers.base import DecomposedLayer, Rank
 from stagecomp.layers.init import init_bias_, init_factor_chain_
 from stagecomp.options import DecomposeOptions
 
@@ -65,12 +65,34 @@ class SVDLinear(DecomposedLayer):
     ) -> SVDLinear:
         layer = cls(shape, ranks, options, device=weight.device, dtype=weight.dtype)
         u, s, vh = truncated_svd(weight, ranks[0], solver=options.svd_solver, seed=options.seed)
-        root = s.sqrt()
-        layer.first.weight.copy_(root[:, None] * vh)
-        layer.second.weight.copy_(u * root[None, :])
-        if bias is not None and layer.second.bias is not None:
-            layer.second.bias.copy_(bias)
+        layer._assign(u, s, vh, bias)
         return layer
+
+    def recompressed(
+        self, rank: Rank, options: DecomposeOptions | None = None, name: str | None = None
+    ) -> SVDLinear:
+        """Smaller ranks straight from the two factors (exactly the SVD of their product)."""
+        options = options or self.options
+        ranks = self.normalize_rank(self.shape, rank, options, name)
+        with torch.no_grad():
+            dtype = torch.float64
+            u, s, vh = svd_recompress(
+                self.second.weight.to(dtype), self.first.weight.to(dtype), ranks[0]
+            )
+            layer = type(self)(self.shape, ranks, options, device=u.device, dtype=dtype)
+            bias = None if self.second.bias is None else self.second.bias.to(dtype)
+            layer._assign(u, s, vh, bias)
+        return layer.matched_to(self.first.weight, self.training)
+
+    @torch.no_grad()
+    def _assign(
+        self, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, bias: torch.Tensor | None
+    ) -> None:
+        root = s.sqrt()
+        self.first.weight.copy_(root[:, None] * vh)
+        self.second.weight.copy_(u * root[None, :])
+        if bias is not None and self.second.bias is not None:
+            self.second.bias.copy_(bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.second(self.first(x))
