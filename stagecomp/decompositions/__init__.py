@@ -1,0 +1,1 @@
+"""Decomposition math on tensors: weights in, factors out. No nn.Module here."""

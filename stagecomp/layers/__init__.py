@@ -1,0 +1,1 @@
+"""The nn.Modules that replace a decomposed layer, one class per file."""
