@@ -1,0 +1,342 @@
+"""TT Conv2d: a TT-matrix over the channel modes with a spatial core at the end of the chain.
+
+After Garipov et al. 2016 ("Ultimate tensorization"): per group,
+``W[(o_1..o_d), (i_1..i_d), (kh, kw)] = G_1[o_1, i_1] ... G_d[o_d, i_d] K[kh kw]``
+with channel cores ``G_k`` of shape ``(r_{k-1}, o_k, i_k, r_k)`` (``r_0 = 1``) and
+a spatial core ``K`` of shape ``(r_d, kh, kw)``. This is exactly a TT of the
+weight reshaped to modes ``(o_1 i_1, ..., o_d i_d, kh kw)``, so TT-SVD gives it:
+exact at full ranks and recovering any kernel that has the given TT ranks.
+The ranks are the ``d`` bond ranks, the last one between ``G_d`` and ``K``.
+
+Garipov puts ``K`` first; it sits last here so that the forward pass needs no
+permutation at all. The spatial core runs first, as a depthwise convolution
+with ``r_d`` outputs per input channel, giving ``U[b, i, r_d, p]``; the channel
+cores then contract ``(i_d, r_d)``, ``(i_{d-1}, r_{d-1})``, ... one matmul each on
+contiguous memory.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stagecomp.decompositions.tt import (
+    balance_tt_cores,
+    pad_tt_ranks,
+    tt_full_ranks,
+    tt_matrix_apply,
+    tt_matrix_modes,
+    tt_matrix_to_dense,
+    tt_round,
+    tt_svd,
+)
+from stagecomp.errors import NonFiniteWeightError, UnsupportedLayerError
+from stagecomp.layer_shape import LayerShape
+from stagecomp.layers.base import DecomposedLayer, Rank, describe, math_dtype
+from stagecomp.layers.init import init_bias_
+from stagecomp.layers.tt_linear import init_tt_cores_
+from stagecomp.options import DecomposeOptions
+
+_DEFAULT_CORES = 2
+_CONTRACTIONS = ("auto", "tt", "dense")
+
+
+class TTConv2d(DecomposedLayer):
+    """A Conv2d whose per-group kernel is a TT of channel cores and a spatial core.
+
+    The forward pass picks the cheaper of two exact contraction orders for each
+    input size (``contraction="auto"``): the TT sweep above, or contracting the
+    cores into the dense kernel first (a cost independent of the batch) and then
+    running one dense convolution. The sweep costs about ``o_k i_k`` times the
+    parameter count per output pixel, so it only wins at high compression;
+    ``contraction`` can be set to ``"tt"`` or ``"dense"`` to force one.
+    """
+
+    method = "tt"
+    kinds = ("conv2d",)
+
+    def __init__(
+        self,
+        shape: LayerShape,
+        ranks: Sequence[int],
+        options: DecomposeOptions | None = None,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(shape, ranks, options)
+        self.out_modes, self.in_modes = self.modes(shape, self.options)
+        if len(self.ranks) != len(self.in_modes):
+            raise ValueError(
+                f"{describe(shape, None)}: {len(self.in_modes)} TT channel cores and a spatial "
+                f"core need {len(self.in_modes)} ranks, got {self.ranks}"
+            )
+        self.contraction = "auto"
+        groups = shape.groups
+        bonds = (1, *self.ranks)
+        self.cores = nn.ParameterList(
+            nn.Parameter(
+                torch.empty(groups, bonds[k], o, i, bonds[k + 1], device=device, dtype=dtype)
+            )
+            for k, (o, i) in enumerate(zip(self.out_modes, self.in_modes, strict=True))
+        )
+        self.kernel = nn.Parameter(
+            torch.empty(groups, self.ranks[-1], *shape.kernel_size, device=device, dtype=dtype)
+        )
+        self.bias = (
+            nn.Parameter(torch.empty(shape.out_channels, device=device, dtype=dtype))
+            if shape.bias
+            else None
+        )
+        fan_in = shape.in_per_group * shape.kernel_numel
+        init_tt_cores_([*self.cores, self.kernel], fan_in, self.ranks)
+        init_bias_(self.bias, fan_in)
+        self._pads = _explicit_padding(shape)
+        self._costs = self._contraction_costs()
+
+    # ------------------------------------------------------------------ structure
+    @classmethod
+    def modes(
+        cls, shape: LayerShape, options: DecomposeOptions
+    ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """``(out_modes, in_modes)`` of each group's channels, or ``UnsupportedLayerError``."""
+        cores = _DEFAULT_CORES if options.tt_cores is None else options.tt_cores
+        try:
+            return tt_matrix_modes(
+                shape.out_per_group,
+                shape.in_per_group,
+                cores,
+                options.tt_out_modes,
+                options.tt_in_modes,
+            )
+        except ValueError as error:
+            raise UnsupportedLayerError(f"{describe(shape, None)}: {error}") from None
+
+    @classmethod
+    def bond_mode_sizes(cls, shape: LayerShape, options: DecomposeOptions) -> tuple[int, ...]:
+        """Sizes ``(o_1 i_1, ..., o_d i_d, kh kw)`` of the TT modes of one group's kernel."""
+        out_modes, in_modes = cls.modes(shape, options)
+        return (*(o * i for o, i in zip(out_modes, in_modes, strict=True)), shape.kernel_numel)
+
+    @classmethod
+    def tt_ordered_weight(
+        cls, weight: torch.Tensor, shape: LayerShape, options: DecomposeOptions
+    ) -> torch.Tensor:
+        """One group's kernel ``(out/g, in/g, kh, kw)`` as the tensor TT-SVD factorises.
+
+        Its modes are ``bond_mode_sizes``; unfolding it after ``k`` modes gives the
+        matrix whose rank is the exact TT rank of bond ``k``.
+        """
+        out_modes, in_modes = cls.modes(shape, options)
+        d = len(in_modes)
+        tensor = weight.reshape(*out_modes, *in_modes, shape.kernel_numel)
+        tensor = tensor.permute(*(j for k in range(d) for j in (k, d + k)), 2 * d)
+        return tensor.reshape(cls.bond_mode_sizes(shape, options))
+
+    def structure(self) -> dict[str, Any]:
+        return {"tt_in_modes": self.in_modes, "tt_out_modes": self.out_modes}
+
+    # ------------------------------------------------------------------ contract
+    @classmethod
+    def unsupported_reason(cls, shape: LayerShape, options: DecomposeOptions) -> str | None:
+        try:
+            cls.modes(shape, options)
+        except UnsupportedLayerError as error:
+            return str(error)
+        return None
+
+    @classmethod
+    def full_rank(cls, shape: LayerShape, options: DecomposeOptions) -> tuple[int, ...]:
+        return tt_full_ranks(cls.bond_mode_sizes(shape, options))
+
+    @classmethod
+    def param_count(cls, shape: LayerShape, ranks: Sequence[int], options: DecomposeOptions) -> int:
+        bonds = (1, *ranks, 1)
+        per_group = sum(
+            bonds[k] * size * bonds[k + 1]
+            for k, size in enumerate(cls.bond_mode_sizes(shape, options))
+        )
+        return shape.groups * per_group + (shape.out_channels if shape.bias else 0)
+
+    @classmethod
+    def from_weights(
+        cls,
+        shape: LayerShape,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        ranks: tuple[int, ...],
+        options: DecomposeOptions,
+    ) -> TTConv2d:
+        layer = cls(shape, ranks, options, device=weight.device, dtype=weight.dtype)
+        per_group = [
+            tt_svd(
+                cls.tt_ordered_weight(group, shape, options),
+                ranks,
+                solver=options.svd_solver,
+                seed=options.seed,
+            )
+            for group in shape.grouped_weight(weight)
+        ]
+        layer._assign(per_group, bias)
+        return layer
+
+    def recompressed(
+        self, rank: Rank, options: DecomposeOptions | None = None, name: str | None = None
+    ) -> TTConv2d:
+        """Smaller ranks by TT-rounding each group's cores; the kernel is never formed.
+
+        The result equals TT-SVD of the dense kernel at the new ranks (up to
+        float error), at a cost polynomial in the old ranks only.
+        """
+        options = (options or self.options).updated(self.structure())
+        ranks = self.normalize_rank(self.shape, rank, options, name)
+        reference = self.kernel
+        dtype = math_dtype(
+            torch.empty(self.shape.weight_shape, dtype=reference.dtype, device="meta")
+        )
+        with torch.no_grad():
+            cores = [c.detach().to(dtype) for c in self.chain()]
+            if not all(torch.isfinite(c).all() for c in cores):
+                raise NonFiniteWeightError(
+                    f"{describe(self.shape, name)} has NaN or infinite weights; "
+                    "only finite weights can be decomposed"
+                )
+            per_group = [tt_round([c[g] for c in cores], ranks) for g in range(self.shape.groups)]
+            layer = type(self)(self.shape, ranks, options, device=reference.device, dtype=dtype)
+            bias = None if self.bias is None else self.bias.detach().to(dtype)
+            layer._assign(per_group, bias)
+        return layer.matched_to(reference, self.training)
+
+    def chain(self) -> list[torch.Tensor]:
+        """All ``d + 1`` cores as one TT per group.
+
+        Channel cores ``(g, r_{k-1}, o_k i_k, r_k)``, then the spatial core ``(g, r_d, kh kw, 1)``.
+        """
+        groups = self.shape.groups
+        cores = [c.reshape(groups, c.shape[1], -1, c.shape[-1]) for c in self.cores]
+        return [*cores, self.kernel.reshape(groups, self.ranks[-1], -1, 1)]
+
+    @torch.no_grad()
+    def _assign(
+        self, per_group: Sequence[Sequence[torch.Tensor]], bias: torch.Tensor | None
+    ) -> None:
+        """Copy each group's TT (``d + 1`` cores ``(r, n, r')``), padded to the layer's ranks."""
+        cores = [balance_tt_cores(pad_tt_ranks(group, self.ranks)) for group in per_group]
+        for k, param in enumerate(self.cores):
+            param.copy_(torch.stack([group[k] for group in cores]).reshape(param.shape))
+        self.kernel.copy_(torch.stack([group[-1] for group in cores]).reshape(self.kernel.shape))
+        if bias is not None and self.bias is not None:
+            self.bias.copy_(bias)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim == 3:  # unbatched (C, H, W), as nn.Conv2d accepts
+            return self.forward(x.unsqueeze(0)).squeeze(0)
+        if self._dense_is_cheaper(x):
+            return self._conv(x, self.dense_weight(), self.bias, self.shape.groups)
+        shape, rank = self.shape, self.ranks[-1]
+        batch = x.shape[0]
+        # Each input channel convolved with its group's r_d spatial filters: U[b, c, s, p].
+        groups, in_per_group = shape.groups, shape.in_per_group
+        spatial = self.kernel.unsqueeze(1).expand(groups, in_per_group, rank, *shape.kernel_size)
+        u = self._conv(x, spatial.reshape(-1, 1, *shape.kernel_size), None, shape.in_channels)
+        height, width = u.shape[-2:]
+        y = tt_matrix_apply(
+            list(self.cores), u.view(batch, groups, in_per_group, rank, height * width)
+        )
+        y = y.view(batch, shape.out_channels, height, width)
+        return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
+
+    def _conv(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: int
+    ) -> torch.Tensor:
+        """A convolution with this layer's stride, padding, dilation and padding mode."""
+        shape = self.shape
+        if shape.padding_mode == "zeros":
+            return F.conv2d(x, weight, bias, shape.stride, shape.padding, shape.dilation, groups)
+        x = F.pad(x, self._pads, mode=shape.padding_mode)
+        return F.conv2d(x, weight, bias, shape.stride, 0, shape.dilation, groups)
+
+    def _contraction_costs(self) -> tuple[int, int, int]:
+        """MACs: TT sweep per output pixel, dense conv per output pixel, kernel assembly."""
+        shape, groups = self.shape, self.shape.groups
+        bonds = (1, *self.ranks)
+        sweep = shape.in_channels * self.ranks[-1] * shape.kernel_numel
+        for k in range(len(self.in_modes)):
+            left = math.prod(self.in_modes[:k])
+            right = math.prod(self.out_modes[k + 1 :])
+            core = bonds[k] * self.out_modes[k] * self.in_modes[k] * bonds[k + 1]
+            sweep += groups * left * core * right
+        dense = shape.out_channels * shape.in_per_group * shape.kernel_numel
+        # dense_weight folds the spatial core into G_d, then merges left to right.
+        sizes = [o * i for o, i in zip(self.out_modes, self.in_modes, strict=True)]
+        sizes[-1] *= shape.kernel_numel
+        edges = (1, *self.ranks[:-1], 1)
+        assembly = groups * bonds[-2] * sizes[-1] * self.ranks[-1]
+        assembly += sum(
+            groups * math.prod(sizes[:k]) * edges[k] * sizes[k] * edges[k + 1]
+            for k in range(1, len(sizes))
+        )
+        return sweep, dense, assembly
+
+    def _dense_is_cheaper(self, x: torch.Tensor) -> bool:
+        if self.contraction not in _CONTRACTIONS:
+            raise ValueError(
+                f"contraction {self.contraction!r}: allowed {', '.join(_CONTRACTIONS)}"
+            )
+        if self.contraction != "auto":
+            return self.contraction == "dense"
+        shape = self.shape
+        left, right, top, bottom = self._pads
+        pixels = 1
+        for size, pad, k, dil, stride in zip(
+            x.shape[-2:],
+            (top + bottom, left + right),
+            shape.kernel_size,
+            shape.dilation,
+            shape.stride,
+            strict=True,
+        ):
+            pixels *= max((size + pad - dil * (k - 1) - 1) // stride + 1, 0)
+        sweep, dense, assembly = self._costs
+        positions = x.shape[0] * pixels
+        return assembly + positions * dense < positions * sweep
+
+    def dense_weight(self) -> torch.Tensor:
+        # Fold the spatial core into the last channel core first: its column index
+        # (i_d, kh kw) is then the trailing part of the module's (in/g, kh, kw) layout.
+        shape, groups, cores = self.shape, self.shape.groups, list(self.cores)
+        _, r0, o, i, rank = cores[-1].shape
+        folded = torch.matmul(
+            cores[-1].reshape(groups, r0 * o * i, rank), self.kernel.reshape(groups, rank, -1)
+        )
+        cores[-1] = folded.reshape(groups, r0, o, i * shape.kernel_numel, 1)
+        return shape.module_weight(tt_matrix_to_dense(cores))
+
+    def dense_bias(self) -> torch.Tensor | None:
+        return self.bias
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, out_modes={self.out_modes}, in_modes={self.in_modes}"
+
+
+def _explicit_padding(shape: LayerShape) -> tuple[int, int, int, int]:
+    """``(left, right, top, bottom)`` padding as F.pad takes it, the way nn.Conv2d pads."""
+    if shape.padding == "valid":
+        return (0, 0, 0, 0)
+    if shape.padding == "same":
+        pads: list[int] = []
+        for k, dil in zip(reversed(shape.kernel_size), reversed(shape.dilation), strict=True):
+            total = dil * (k - 1)
+            pads += [total // 2, total - total // 2]
+        left, right, top, bottom = pads
+        return (left, right, top, bottom)
+    if isinstance(shape.padding, str):
+        raise UnsupportedLayerError(f"padding {shape.padding!r}: allowed 'same', 'valid' or ints")
+    ph, pw = shape.padding
+    return (pw, pw, ph, ph)
