@@ -52,7 +52,10 @@ class LayerShape:
         shape = getattr(module, "shape", None)
         if isinstance(shape, LayerShape):  # an already decomposed layer
             return shape
-        if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
+        if (
+            isinstance(module, nn.modules.lazy.LazyModuleMixin)
+            and module.has_uninitialized_params()
+        ):
             raise UnsupportedLayerError(
                 f"layer {label!r} is a lazy module whose shape is not known yet: "
                 "run one forward pass before decomposing it"
@@ -132,9 +135,7 @@ class LayerShape:
 
     def grouped_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """View a module weight as ``(groups, out/g, in/g, kh, kw)``."""
-        return weight.reshape(
-            self.groups, self.out_per_group, self.in_per_group, *self.kernel_size
-        )
+        return weight.reshape(self.groups, self.out_per_group, self.in_per_group, *self.kernel_size)
 
     def module_weight(self, grouped: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`grouped_weight`: back to the module's own weight layout."""

@@ -42,7 +42,7 @@ class DecomposeOptions:
     def from_dict(cls, data: dict[str, Any]) -> DecomposeOptions:
         known = {f.name for f in fields(cls)}
         clean = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in known}
-        return cls(**clean)
+        return cls(**clean)  # type: ignore[arg-type]
 
     def updated(self, changes: dict[str, Any]) -> DecomposeOptions:
         """A copy with ``changes`` applied (e.g. a layer's recorded TT modes)."""

@@ -9,14 +9,19 @@ left exactly as they were.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from fvcore.nn import FlopCountAnalysis, parameter_count
 from torch import nn
+
+with warnings.catch_warnings():
+    # fvcore scripts a helper at import time, which recent torch reports as deprecated.
+    warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+    from fvcore.nn import FlopCountAnalysis, parameter_count
 
 logger = logging.getLogger(__name__)
 

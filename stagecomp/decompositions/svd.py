@@ -37,7 +37,9 @@ def truncated_svd(
         ``U`` of shape ``(m, rank)``, ``S`` of shape ``(rank,)``, ``Vh`` of shape ``(rank, n)``.
     """
     if matrix.ndim != 2:
-        raise ValueError(f"truncated_svd takes a matrix, got a tensor of shape {tuple(matrix.shape)}")
+        raise ValueError(
+            f"truncated_svd takes a matrix, got a tensor of shape {tuple(matrix.shape)}"
+        )
     m, n = matrix.shape
     if not 1 <= rank <= min(m, n):
         raise ValueError(f"rank {rank} is out of range for a {m}x{n} matrix: 1 to {min(m, n)}")

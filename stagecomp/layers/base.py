@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Sequence
-from typing import Any, ClassVar, TypeVar, Union
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
@@ -20,7 +20,7 @@ from stagecomp.errors import NonFiniteWeightError, RankError, UnsupportedLayerEr
 from stagecomp.layer_shape import LayerShape
 from stagecomp.options import DecomposeOptions
 
-Rank = Union[int, Sequence[int]]
+Rank = int | Sequence[int]
 """A rank as users give it: one int (a cap on every rank) or one int per rank."""
 
 _LayerT = TypeVar("_LayerT", bound="DecomposedLayer")
@@ -86,9 +86,7 @@ class DecomposedLayer(nn.Module):
         raise NotImplementedError
 
     @classmethod
-    def param_count(
-        cls, shape: LayerShape, ranks: Sequence[int], options: DecomposeOptions
-    ) -> int:
+    def param_count(cls, shape: LayerShape, ranks: Sequence[int], options: DecomposeOptions) -> int:
         """Parameters (bias included) of the layer this class builds for ``ranks``."""
         raise NotImplementedError
 
@@ -170,7 +168,7 @@ class DecomposedLayer(nn.Module):
             raise RankError(
                 f"{where}: rank {tuple(values)} has {len(values)} entries; expected {allowed}"
             )
-        if any(v < 1 or v > f for v, f in zip(values, full)):
+        if any(v < 1 or v > f for v, f in zip(values, full, strict=True)):
             raise RankError(f"{where}: rank {values} is out of range; expected {allowed}")
         return values
 
@@ -255,5 +253,5 @@ class DecomposedLayer(nn.Module):
 
     def extra_repr(self) -> str:
         names = self._names(len(self.ranks))
-        ranks = ", ".join(f"{n}={r}" for n, r in zip(names, self.ranks))
+        ranks = ", ".join(f"{n}={r}" for n, r in zip(names, self.ranks, strict=True))
         return f"method={self.method!r}, {ranks}"

@@ -64,9 +64,7 @@ class SVDConv2d(DecomposedLayer):
         return (min(shape.out_per_group, shape.in_per_group * shape.kernel_numel),)
 
     @classmethod
-    def param_count(
-        cls, shape: LayerShape, ranks: Sequence[int], options: DecomposeOptions
-    ) -> int:
+    def param_count(cls, shape: LayerShape, ranks: Sequence[int], options: DecomposeOptions) -> int:
         (rank,) = ranks
         per_group = rank * (shape.in_per_group * shape.kernel_numel + shape.out_per_group)
         return shape.groups * per_group + (shape.out_channels if shape.bias else 0)
@@ -107,7 +105,9 @@ class SVDConv2d(DecomposedLayer):
             second = self.second.weight.to(dtype).reshape(shape.groups, -1, old)
             triplets = [svd_recompress(second[g], first[g], ranks[0]) for g in range(shape.groups)]
             layer = type(self)(shape, ranks, options, device=first.device, dtype=dtype)
-            layer._assign(triplets, None if self.second.bias is None else self.second.bias.to(dtype))
+            layer._assign(
+                triplets, None if self.second.bias is None else self.second.bias.to(dtype)
+            )
         return layer.matched_to(self.first.weight, self.training)
 
     @torch.no_grad()

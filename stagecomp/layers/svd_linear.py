@@ -47,9 +47,7 @@ class SVDLinear(DecomposedLayer):
         return (min(shape.in_channels, shape.out_channels),)
 
     @classmethod
-    def param_count(
-        cls, shape: LayerShape, ranks: Sequence[int], options: DecomposeOptions
-    ) -> int:
+    def param_count(cls, shape: LayerShape, ranks: Sequence[int], options: DecomposeOptions) -> int:
         (rank,) = ranks
         bias = shape.out_channels if shape.bias else 0
         return rank * (shape.in_channels + shape.out_channels) + bias
