@@ -1,0 +1,34 @@
+"""Replace a submodule by its qualified name, in place."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from stagecomp.errors import NoMatchingLayerError
+
+
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    """The submodule called ``name`` (``""`` is the model itself)."""
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise NoMatchingLayerError(f"the model has no submodule named {name!r}") from None
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` where ``name`` is and return the module it replaced.
+
+    The new module takes the old one's train/eval mode; device and dtype are the
+    caller's business (``stagecomp.decompose`` already matches them).
+    """
+    if not name:
+        raise NoMatchingLayerError("cannot replace the model itself; name a submodule")
+    parent_name, _, child = name.rpartition(".")
+    parent = get_module(model, parent_name)
+    old = get_module(model, name)
+    new.train(old.training)
+    if isinstance(parent, (nn.Sequential, nn.ModuleList)) and child.isdigit():
+        parent[int(child)] = new
+    else:
+        setattr(parent, child, new)
+    return old
