@@ -17,7 +17,9 @@ class DecomposeOptions:
             force one.
         hooi_iters: HOOI refinement sweeps after the HOSVD start of Tucker2. One sweep
             gets nearly all of the gain; 0 keeps the plain HOSVD.
-        cp_max_iter: Cap on CP-ALS sweeps, so a bad fit stops instead of running for minutes.
+        cp_max_iter: Cap on CP-ALS sweeps, so a bad fit stops instead of running for
+            minutes; ``None`` sizes it from the layer (500 sweeps for small kernels, down
+            to 25 for a 512x512x3x3 one, about two seconds of work either way).
         cp_tol: CP-ALS stops when the relative fit error improves by less than this.
         tt_cores: Number of channel modes the TT layers split ``in`` and ``out`` into
             when no explicit modes are given (``None``: 3 for Linear, 2 for Conv2d).
@@ -29,7 +31,7 @@ class DecomposeOptions:
     seed: int = 0
     svd_solver: str = "auto"
     hooi_iters: int = 1
-    cp_max_iter: int = 200
+    cp_max_iter: int | None = None
     cp_tol: float = 1e-7
     tt_cores: int | None = None
     tt_in_modes: tuple[int, ...] | None = None

@@ -117,7 +117,10 @@ def test_param_count_matches_module(cls: type[DecomposedLayer], case: Any, fract
     layer = cls(shape, ranks, OPTIONS)
     real = sum(p.numel() for p in layer.parameters())
     assert cls.param_count(shape, ranks, OPTIONS) == real
-    decomposed = cls.from_module(module, ranks, OPTIONS)
+    fast = DecomposeOptions(
+        cp_max_iter=2, hooi_iters=0
+    )  # counts only; accuracy is tested elsewhere
+    decomposed = cls.from_module(module, ranks, fast)
     assert sum(p.numel() for p in decomposed.parameters()) == real
 
 
