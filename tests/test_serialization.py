@@ -1,0 +1,127 @@
+"""save/load: exact round trip, no decomposition on load, clear errors, model kept on failure."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import stagecomp as sc
+from stagecomp.serialization import RECIPE_FILE, WEIGHTS_FILE
+
+
+def build() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1),
+        nn.Conv2d(16, 24, 3, padding=1),
+        nn.Conv2d(24, 24, 3, padding=1),
+        nn.Conv2d(24, 32, 1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 27),
+    )
+
+
+X = torch.randn(2, 3, 8, 8)
+
+
+def compressed() -> nn.Module:
+    model = build()
+    model[3] = sc.decompose(model[3], "tucker2", (8, 4))
+    model[4] = sc.decompose(model[4], "cp3", 6)
+    model[5] = sc.decompose(model[5], "tt", 4)
+    model[6] = sc.decompose(model[6], "svd", 5)
+    model[9] = sc.decompose(model[9], "tt", 3)
+    with torch.no_grad():  # weights that differ from any fresh decomposition
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    model[1].running_mean.fill_(0.3)
+    return model.eval()
+
+
+def test_round_trip_is_exact(tmp_path: Path) -> None:
+    model = compressed()
+    sc.save(model, tmp_path)
+    fresh = build().eval()
+    loaded = sc.load(fresh, tmp_path)
+    assert loaded is fresh
+    assert torch.equal(loaded(X), model(X))
+    recipe = json.loads((tmp_path / RECIPE_FILE).read_text())
+    assert recipe["format_version"] == 1 and set(recipe["layers"]) == {"3", "4", "5", "6", "9"}
+    assert recipe["layers"]["3"]["ranks"] == [8, 4]
+
+
+def test_load_does_not_decompose(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sc.save(compressed(), tmp_path)
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise AssertionError("load must not decompose")
+
+    for cls in sc.registry.LAYER_CLASSES:
+        monkeypatch.setattr(cls, "from_weights", classmethod(fail))
+    sc.load(build(), tmp_path)
+
+
+def _unchanged(model: nn.Module, reference: dict[str, torch.Tensor]) -> bool:
+    state = model.state_dict()
+    return state.keys() == reference.keys() and all(
+        torch.equal(state[k], reference[k]) for k in state
+    )
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["truncate", "garbage", "newer", "missing_layer", "other_shape", "no_weights", "bad_json"],
+)
+def test_errors_leave_the_fresh_model_untouched(tmp_path: Path, damage: str) -> None:
+    sc.save(compressed(), tmp_path)
+    recipe_file, weights = tmp_path / RECIPE_FILE, tmp_path / WEIGHTS_FILE
+    recipe = json.loads(recipe_file.read_text())
+    fresh = build()
+    if damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[:-100])
+    elif damage == "garbage":
+        data = bytearray(weights.read_bytes())
+        data[:8] = b"\xff" * 8
+        weights.write_bytes(bytes(data))
+    elif damage == "newer":
+        recipe["format_version"] = 99
+    elif damage == "missing_layer":
+        recipe["layers"]["features.7"] = recipe["layers"]["3"]
+    elif damage == "other_shape":
+        fresh[3] = nn.Conv2d(16, 16, 5, padding=2)
+    elif damage == "no_weights":
+        weights.unlink()
+    elif damage == "bad_json":
+        recipe_file.write_text("{not json")
+    if damage in ("newer", "missing_layer"):
+        recipe_file.write_text(json.dumps(recipe))
+    reference = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(sc.RecipeError) as info:
+        sc.load(fresh, tmp_path)
+    assert isinstance(info.value, ValueError)
+    assert _unchanged(fresh, reference)
+    assert not any(isinstance(m, sc.DecomposedLayer) for m in fresh.modules())
+    message = str(info.value)
+    expected = {
+        "newer": "newer",
+        "missing_layer": "features.7",
+        "other_shape": "'3'",
+        "no_weights": WEIGHTS_FILE,
+        "bad_json": "JSON",
+    }.get(damage, WEIGHTS_FILE)
+    assert expected in message
+
+
+def test_weights_file_holds_no_pickle(tmp_path: Path) -> None:
+    sc.save(compressed(), tmp_path)
+    header_len = int.from_bytes((tmp_path / WEIGHTS_FILE).read_bytes()[:8], "little")
+    header = json.loads((tmp_path / WEIGHTS_FILE).read_bytes()[8 : 8 + header_len])
+    assert "3.core.weight" in header or any(k.startswith("3.") for k in header)
