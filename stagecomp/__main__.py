@@ -1,0 +1,7 @@
+"""``python -m stagecomp``."""
+
+import sys
+
+from stagecomp.cli import main
+
+sys.exit(main())
