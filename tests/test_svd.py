@@ -60,3 +60,18 @@ def test_recompress_equals_svd_of_the_product() -> None:
 def test_bad_rank_is_refused(bad: int) -> None:
     with pytest.raises(ValueError, match="out of range"):
         truncated_svd(torch.randn(30, 40), bad)
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float64, 1e-9), (torch.float32, 1e-4)])
+def test_large_exact_path_through_the_gram_matrix_is_optimal(
+    dtype: torch.dtype, tolerance: float
+) -> None:
+    a = decaying(1100, 1300).to(dtype)
+    u, s, vh = truncated_svd(a, 400, solver="exact")
+    assert u.shape == (1100, 400) and vh.shape == (400, 1300)
+    reference = torch.linalg.svdvals(a.double())
+    optimum = float(reference[400:].square().sum().sqrt())
+    error = float(torch.linalg.norm(a.double() - (u @ torch.diag(s) @ vh).double()))
+    assert error == pytest.approx(optimum, rel=tolerance)
+    tall_u, _, tall_vh = truncated_svd(a.T.contiguous(), 400, solver="exact")
+    assert tall_u.shape == (1300, 400) and tall_vh.shape == (400, 1100)

@@ -11,6 +11,8 @@ _RANDOMIZED_MAX_FRACTION = 0.25
 _OVERSAMPLE = 10
 _POWER_ITERS = 4
 _SOLVERS = ("auto", "exact", "randomized")
+# Columns per block when accumulating a Gram matrix (bounds the converted copy).
+_GRAM_BLOCK = 4096
 
 
 def truncated_svd(
@@ -51,8 +53,46 @@ def truncated_svd(
         solver = "exact" if small or rank > _RANDOMIZED_MAX_FRACTION * min(m, n) else "randomized"
     if solver == "randomized" and rank + _OVERSAMPLE < min(m, n):
         return _randomized_svd(matrix, rank, seed)
+    if min(m, n) > _EXACT_MAX_SIDE:
+        return _gram_svd(matrix, rank)
     u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
     return u[:, :rank], s[:rank], vh[:rank]
+
+
+def small_side_gram(matrix: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``A A^T`` over the short side of ``A``, accumulated in ``dtype`` one column block at a time.
+
+    Blocking bounds the extra memory to one converted block, so a float32
+    weight of hundreds of megabytes never gets a float64 copy.
+    """
+    a = matrix if matrix.shape[0] <= matrix.shape[1] else matrix.T
+    gram = torch.zeros(a.shape[0], a.shape[0], device=a.device, dtype=dtype)
+    for start in range(0, a.shape[1], _GRAM_BLOCK):
+        block = a[:, start : start + _GRAM_BLOCK].to(dtype)
+        gram.addmm_(block, block.T)
+    return gram
+
+
+def _gram_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Leading singular triplets of a large matrix from the eigenvectors of its short-side Gram.
+
+    LAPACK's full SVD of a 4096 x 25088 weight takes minutes on two cores; the
+    Gram matrix and a 4096 x 4096 symmetric eigensolve take seconds. Squaring
+    the matrix loses accuracy only in singular values far below the largest,
+    which a truncation keeps only when they hardly matter.
+    """
+    transpose = matrix.shape[0] > matrix.shape[1]
+    a = matrix.T if transpose else matrix
+    eigenvalues, eigenvectors = torch.linalg.eigh(small_side_gram(a, a.dtype))
+    order = torch.argsort(eigenvalues, descending=True)[:rank]
+    s = eigenvalues[order].clamp_min(0).sqrt()
+    u = eigenvectors[:, order]
+    projected = u.T @ a
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    vh = torch.where((s > 0)[:, None], projected / safe[:, None], torch.zeros_like(projected))
+    if transpose:
+        return vh.T, s, u.T
+    return u, s, vh
 
 
 def _randomized_svd(

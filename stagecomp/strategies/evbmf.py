@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from scipy.optimize import minimize_scalar
 
+from stagecomp.decompositions.svd import small_side_gram
 from stagecomp.errors import NonFiniteWeightError, RankError
 
 __all__ = ["EVBMFResult", "evbmf_rank", "tucker2_vbmf_ranks", "weakened_rank"]
@@ -38,8 +39,6 @@ _TAU_BAR_FACTOR = 2.5129
 _SIGMA2_XATOL = 1e-5
 # Guards floor() in weakened_rank against float noise (299 - 0.56 * 275 = 144.99999999999997).
 _ROUNDING_GUARD = 1e-9
-# Column block of the float64 Gram accumulation: bounds the extra memory to one block.
-_GRAM_BLOCK = 4096
 
 
 @dataclass(frozen=True)
@@ -251,15 +250,9 @@ def _gram_singular_values(matrix: torch.Tensor) -> np.ndarray:
     """Singular values from the eigenvalues of the small-side float64 Gram matrix."""
     with torch.no_grad():
         a = matrix.detach()
-        if a.shape[0] > a.shape[1]:
-            a = a.T
         if a.device.type not in ("cpu", "cuda"):
             a = a.cpu()  # float64 linear algebra is not available on every backend
-        gram = torch.zeros(a.shape[0], a.shape[0], device=a.device, dtype=torch.float64)
-        for start in range(0, a.shape[1], _GRAM_BLOCK):
-            block = a[:, start : start + _GRAM_BLOCK].to(torch.float64)
-            gram.addmm_(block, block.T)
-        eigenvalues = torch.linalg.eigvalsh(gram).clamp_min_(0.0)
+        eigenvalues = torch.linalg.eigvalsh(small_side_gram(a, torch.float64)).clamp_min_(0.0)
     return eigenvalues.sqrt_().cpu().numpy()
 
 
