@@ -149,7 +149,8 @@ def test_full_rank_manual_keeps_outputs_device_dtype_and_mode() -> None:
         cls = sc.registry.layer_class(method, shape)
         full[name] = cls.full_rank(shape, sc.DecomposeOptions())
     c = Compressor(model, "manual", x, ranks=full, layers_per_step=10, progress=False)
-    c.compression_step()
+    result = c.compression_step()
+    assert all(ch.weight_error is not None and ch.weight_error < 1e-10 for ch in result.changes)
     assert all(isinstance(model.get_submodule(n), DecomposedLayer) for n in TARGETS)
     assert all(p.dtype == torch.float64 for p in model.parameters())
     assert model.training and all(m.training for m in model.modules())
@@ -160,6 +161,8 @@ def test_full_rank_manual_keeps_outputs_device_dtype_and_mode() -> None:
 def test_step_reports_new_parameters_for_the_optimizer() -> None:
     model, c = make(strategy=sc.Reduction(2.0), layers_per_step=2)
     result = c.compression_step()
+    change = next(ch for ch in result.changes if ch.name == "features.0")
+    assert change.weight_error is not None and 0 < change.weight_error < 1
     ids = {id(p) for p in result.new_parameters()}
     assert ids and ids <= {id(p) for p in model.parameters()}
     assert result.macs_after is not None and result.macs_before is not None
@@ -203,3 +206,13 @@ def test_resume_with_other_arguments_is_refused() -> None:
     with pytest.raises(sc.RecipeError, match="different plan"):
         b.load_state_dict(a.state_dict())
     assert isinstance(model_b.features[0], nn.Conv2d)
+
+
+def test_reported_weight_error_is_the_svd_tail() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 30), nn.ReLU(), nn.Linear(30, 5))
+    s = torch.linalg.svdvals(model[0].weight.detach().double())
+    c = Compressor(model, "manual", ranks={"0": 4}, exclude=["2"], progress=False)
+    (change,) = c.compression_step().changes
+    expected = float(s[4:].square().sum().sqrt() / s.square().sum().sqrt())
+    assert change.weight_error == pytest.approx(expected, rel=1e-5)
