@@ -41,3 +41,18 @@ def init_bias_(bias: torch.Tensor | None, fan_in: int) -> None:
     if bias is not None:
         bound = 1.0 / math.sqrt(max(fan_in, 1))
         bias.uniform_(-bound, bound)
+
+
+@torch.no_grad()
+def init_tt_cores_(cores: Sequence[torch.Tensor], fan_in: int, ranks: Sequence[int]) -> None:
+    """``init_factor_chain_``, then each core rescaled to exactly its target mean square.
+
+    TT cores can be tiny (a ``(1, 1, 1, 1)`` core for a mode of size 1): a random
+    draw would then scale the whole weight by chance. With every core at its
+    exact scale the dense weight's variance is the dense init's, up to the
+    cross terms of the rank sums.
+    """
+    init_factor_chain_(cores, fan_in, ranks)
+    per_core = (dense_weight_variance(fan_in) / math.prod(ranks)) ** (1.0 / len(cores))
+    for core in cores:
+        core.mul_(math.sqrt(per_core) / core.pow(2).mean().sqrt().clamp_min(1e-30))

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,25 +27,22 @@ from torch import nn
 from stagecomp.decompositions.tt import (
     balance_tt_cores,
     pad_tt_ranks,
-    tt_full_ranks,
     tt_matrix_apply,
-    tt_matrix_modes,
     tt_matrix_to_dense,
     tt_round,
     tt_svd,
 )
 from stagecomp.errors import NonFiniteWeightError, UnsupportedLayerError
 from stagecomp.layer_shape import LayerShape
-from stagecomp.layers.base import DecomposedLayer, Rank, describe, math_dtype
-from stagecomp.layers.init import init_bias_
-from stagecomp.layers.tt_linear import init_tt_cores_
+from stagecomp.layers.base import Rank, describe, math_dtype
+from stagecomp.layers.init import init_bias_, init_tt_cores_
+from stagecomp.layers.tt_base import TTLayer
 from stagecomp.options import DecomposeOptions
 
-_DEFAULT_CORES = 2
 _CONTRACTIONS = ("auto", "tt", "dense")
 
 
-class TTConv2d(DecomposedLayer):
+class TTConv2d(TTLayer):
     """A Conv2d whose per-group kernel is a TT of channel cores and a spatial core.
 
     The forward pass picks the cheaper of two exact contraction orders for each
@@ -57,8 +53,8 @@ class TTConv2d(DecomposedLayer):
     ``contraction`` can be set to ``"tt"`` or ``"dense"`` to force one.
     """
 
-    method = "tt"
     kinds = ("conv2d",)
+    default_cores = 2
 
     def __init__(
         self,
@@ -98,70 +94,6 @@ class TTConv2d(DecomposedLayer):
         init_bias_(self.bias, fan_in)
         self._pads = _explicit_padding(shape)
         self._costs = self._contraction_costs()
-
-    # ------------------------------------------------------------------ structure
-    @classmethod
-    def modes(
-        cls, shape: LayerShape, options: DecomposeOptions
-    ) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """``(out_modes, in_modes)`` of each group's channels, or ``UnsupportedLayerError``."""
-        cores = _DEFAULT_CORES if options.tt_cores is None else options.tt_cores
-        try:
-            return tt_matrix_modes(
-                shape.out_per_group,
-                shape.in_per_group,
-                cores,
-                options.tt_out_modes,
-                options.tt_in_modes,
-            )
-        except ValueError as error:
-            raise UnsupportedLayerError(f"{describe(shape, None)}: {error}") from None
-
-    @classmethod
-    def bond_mode_sizes(cls, shape: LayerShape, options: DecomposeOptions) -> tuple[int, ...]:
-        """Sizes ``(o_1 i_1, ..., o_d i_d, kh kw)`` of the TT modes of one group's kernel."""
-        out_modes, in_modes = cls.modes(shape, options)
-        return (*(o * i for o, i in zip(out_modes, in_modes, strict=True)), shape.kernel_numel)
-
-    @classmethod
-    def tt_ordered_weight(
-        cls, weight: torch.Tensor, shape: LayerShape, options: DecomposeOptions
-    ) -> torch.Tensor:
-        """One group's kernel ``(out/g, in/g, kh, kw)`` as the tensor TT-SVD factorises.
-
-        Its modes are ``bond_mode_sizes``; unfolding it after ``k`` modes gives the
-        matrix whose rank is the exact TT rank of bond ``k``.
-        """
-        out_modes, in_modes = cls.modes(shape, options)
-        d = len(in_modes)
-        tensor = weight.reshape(*out_modes, *in_modes, shape.kernel_numel)
-        tensor = tensor.permute(*(j for k in range(d) for j in (k, d + k)), 2 * d)
-        return tensor.reshape(cls.bond_mode_sizes(shape, options))
-
-    def structure(self) -> dict[str, Any]:
-        return {"tt_in_modes": self.in_modes, "tt_out_modes": self.out_modes}
-
-    # ------------------------------------------------------------------ contract
-    @classmethod
-    def unsupported_reason(cls, shape: LayerShape, options: DecomposeOptions) -> str | None:
-        try:
-            cls.modes(shape, options)
-        except UnsupportedLayerError as error:
-            return str(error)
-        return None
-
-    @classmethod
-    def full_rank(cls, shape: LayerShape, options: DecomposeOptions) -> tuple[int, ...]:
-        return tt_full_ranks(cls.bond_mode_sizes(shape, options))
-
-    @classmethod
-    def param_count(cls, shape: LayerShape, ranks: Sequence[int], options: DecomposeOptions) -> int:
-        bonds = (1, *ranks, 1)
-        per_group = sum(
-            bonds[k] * size * bonds[k + 1]
-            for k, size in enumerate(cls.bond_mode_sizes(shape, options))
-        )
-        return shape.groups * per_group + (shape.out_channels if shape.bias else 0)
 
     @classmethod
     def from_weights(

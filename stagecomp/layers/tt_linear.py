@@ -10,9 +10,7 @@ cheaper than the dense one only at high compression.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import nn
@@ -20,38 +18,20 @@ from torch import nn
 from stagecomp.decompositions.tt import (
     balance_tt_cores,
     pad_tt_ranks,
-    tt_full_ranks,
     tt_matrix,
     tt_matrix_apply,
-    tt_matrix_modes,
     tt_matrix_to_dense,
     tt_round,
 )
-from stagecomp.errors import NonFiniteWeightError, UnsupportedLayerError
+from stagecomp.errors import NonFiniteWeightError
 from stagecomp.layer_shape import LayerShape
-from stagecomp.layers.base import DecomposedLayer, Rank, describe, math_dtype
-from stagecomp.layers.init import dense_weight_variance, init_bias_, init_factor_chain_
+from stagecomp.layers.base import Rank, describe, math_dtype
+from stagecomp.layers.init import init_bias_, init_tt_cores_
+from stagecomp.layers.tt_base import TTLayer
 from stagecomp.options import DecomposeOptions
 
-_DEFAULT_CORES = 3
 
-
-@torch.no_grad()
-def init_tt_cores_(cores: Sequence[torch.Tensor], fan_in: int, ranks: Sequence[int]) -> None:
-    """``init_factor_chain_``, then each core rescaled to exactly its target mean square.
-
-    TT cores can be tiny (a ``(1, 1, 1, 1)`` core for a mode of size 1): a random
-    draw would then scale the whole weight by chance. With every core at its
-    exact scale the dense weight's variance is the dense init's, up to the
-    cross terms of the rank sums.
-    """
-    init_factor_chain_(cores, fan_in, ranks)
-    per_core = (dense_weight_variance(fan_in) / math.prod(ranks)) ** (1.0 / len(cores))
-    for core in cores:
-        core.mul_(math.sqrt(per_core) / core.pow(2).mean().sqrt().clamp_min(1e-30))
-
-
-class TTLinear(DecomposedLayer):
+class TTLinear(TTLayer):
     """A Linear layer whose weight is a TT-matrix with ``d`` cores.
 
     The modes come from ``options.tt_in_modes`` / ``tt_out_modes`` when given,
@@ -60,8 +40,9 @@ class TTLinear(DecomposedLayer):
     rebuilt with the same cores.
     """
 
-    method = "tt"
     kinds = ("linear",)
+    default_cores = 3
+    min_cores = 2
 
     def __init__(
         self,
@@ -91,77 +72,6 @@ class TTLinear(DecomposedLayer):
         )
         init_tt_cores_(list(self.cores), shape.in_channels, self.ranks)
         init_bias_(self.bias, shape.in_channels)
-
-    # ------------------------------------------------------------------ structure
-    @classmethod
-    def modes(
-        cls, shape: LayerShape, options: DecomposeOptions
-    ) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """``(out_modes, in_modes)`` of the TT-matrix, or ``UnsupportedLayerError``."""
-        cores = _DEFAULT_CORES if options.tt_cores is None else options.tt_cores
-        try:
-            out_modes, in_modes = tt_matrix_modes(
-                shape.out_channels,
-                shape.in_channels,
-                cores,
-                options.tt_out_modes,
-                options.tt_in_modes,
-            )
-        except ValueError as error:
-            raise UnsupportedLayerError(f"{describe(shape, None)}: {error}") from None
-        if len(in_modes) < 2:
-            raise UnsupportedLayerError(
-                f"{describe(shape, None)}: a TT Linear needs at least 2 cores, got "
-                f"{len(in_modes)} (tt_cores={options.tt_cores}, tt_in_modes="
-                f"{options.tt_in_modes}, tt_out_modes={options.tt_out_modes})"
-            )
-        return out_modes, in_modes
-
-    @classmethod
-    def bond_mode_sizes(cls, shape: LayerShape, options: DecomposeOptions) -> tuple[int, ...]:
-        """Sizes ``o_k * i_k`` of the TT modes; bond ``k`` splits the first ``k`` from the rest."""
-        out_modes, in_modes = cls.modes(shape, options)
-        return tuple(o * i for o, i in zip(out_modes, in_modes, strict=True))
-
-    @classmethod
-    def tt_ordered_weight(
-        cls, weight: torch.Tensor, shape: LayerShape, options: DecomposeOptions
-    ) -> torch.Tensor:
-        """The weight (``(out, in)``, or ``(out, in, 1, 1)``) as the tensor TT-SVD factorises.
-
-        Its modes are ``bond_mode_sizes``; unfolding it after ``k`` modes gives the
-        matrix whose rank is the exact TT rank of bond ``k``.
-        """
-        out_modes, in_modes = cls.modes(shape, options)
-        d = len(in_modes)
-        tensor = weight.reshape(*out_modes, *in_modes)
-        tensor = tensor.permute(*(j for k in range(d) for j in (k, d + k)))
-        return tensor.reshape(cls.bond_mode_sizes(shape, options))
-
-    def structure(self) -> dict[str, Any]:
-        return {"tt_in_modes": self.in_modes, "tt_out_modes": self.out_modes}
-
-    # ------------------------------------------------------------------ contract
-    @classmethod
-    def unsupported_reason(cls, shape: LayerShape, options: DecomposeOptions) -> str | None:
-        try:
-            cls.modes(shape, options)
-        except UnsupportedLayerError as error:
-            return str(error)
-        return None
-
-    @classmethod
-    def full_rank(cls, shape: LayerShape, options: DecomposeOptions) -> tuple[int, ...]:
-        return tt_full_ranks(cls.bond_mode_sizes(shape, options))
-
-    @classmethod
-    def param_count(cls, shape: LayerShape, ranks: Sequence[int], options: DecomposeOptions) -> int:
-        bonds = (1, *ranks, 1)
-        cores = sum(
-            bonds[k] * size * bonds[k + 1]
-            for k, size in enumerate(cls.bond_mode_sizes(shape, options))
-        )
-        return cores + (shape.out_channels if shape.bias else 0)
 
     @classmethod
     def from_weights(

@@ -20,8 +20,7 @@ from stagecomp.errors import RankError
 from stagecomp.layers.base import DecomposedLayer
 from stagecomp.layers.svd_conv2d import SVDConv2d
 from stagecomp.layers.svd_linear import SVDLinear
-from stagecomp.layers.tt_conv2d import TTConv2d
-from stagecomp.layers.tt_linear import TTLinear
+from stagecomp.layers.tt_base import TTLayer
 from stagecomp.layers.tucker2_conv2d import Tucker2Conv2d
 from stagecomp.strategies.base import RankRequest
 from stagecomp.strategies.evbmf import evbmf_rank, weakened_rank
@@ -116,7 +115,7 @@ def _spectral_matrices(request: RankRequest) -> list[list[torch.Tensor]]:
         if method in ("cp3", "cp4"):
             # One CP rank: the largest EVBMF rank of the two channel unfoldings.
             return [outs + ins]
-        if issubclass(request.cls, (TTLinear, TTConv2d)):
+        if issubclass(request.cls, TTLayer):
             return _tt_bond_unfoldings(request.cls, request, grouped)
     raise RankError(f"layer {request.name!r}: VBMF has no rule for method {method!r}")
 
@@ -148,7 +147,7 @@ def _tucker2_core_unfoldings(module: Tucker2Conv2d) -> list[list[torch.Tensor]]:
 
 
 def _tt_bond_unfoldings(
-    cls: type[TTLinear] | type[TTConv2d], request: RankRequest, grouped: torch.Tensor
+    cls: type[TTLayer], request: RankRequest, grouped: torch.Tensor
 ) -> list[list[torch.Tensor]]:
     """Per TT bond, the dense weight unfolded at that bond (one matrix per group)."""
     sizes = cls.bond_mode_sizes(request.shape, request.options)
