@@ -13,6 +13,7 @@ from stagecomp.errors import (
     UnknownMethodError,
     UnsupportedLayerError,
 )
+from stagecomp.factorize import factorize
 from stagecomp.layer_shape import LayerShape
 from stagecomp.layers.base import DecomposedLayer, Rank
 from stagecomp.layers.cp3_conv2d import CP3Conv2d
@@ -63,6 +64,7 @@ __all__ = [
     "__version__",
     "decompose",
     "empty_layer",
+    "factorize",
     "load",
     "model_stats",
     "registry",
