@@ -1,6 +1,6 @@
 """Train factorised models from scratch: dense vs CP vs Tucker2 vs TT layers on digits.
 
-``factorize`` replaces layers by low-rank ones built from shapes alone, with an
+``stagecomp.factorize`` replaces layers by low-rank ones built from shapes alone, with an
 initialisation under which each layer's effective weight has PyTorch's default
 dense variance, so the usual optimiser settings work. This is the comparison
 tensor-layer papers make on MNIST/CIFAR, here on scikit-learn's real digits:
@@ -25,7 +25,6 @@ from torch.nn import functional as F
 
 import stagecomp as sc
 from stagecomp.digits import DigitsCNN, DigitsData, accuracy, load_digits_data
-from stagecomp.factorize import factorize
 from stagecomp.registry import layer_class
 from stagecomp.strategies.reduction import ranks_for_reduction
 
@@ -53,8 +52,8 @@ def build(variant: str, rate: float, seed: int) -> tuple[nn.Module, str]:
     linear_method = "tt" if variant == "tt" else "svd"  # CP and Tucker2 apply to convolutions
     conv_ranks = ranks_at_rate(model, CONVS, variant, rate)
     linear_ranks = ranks_at_rate(model, LINEARS, linear_method, rate)
-    factorize(model, variant, conv_ranks)
-    factorize(model, linear_method, linear_ranks)
+    sc.factorize(model, variant, conv_ranks)
+    sc.factorize(model, linear_method, linear_ranks)
     layout = ", ".join(f"{n} {variant}{r}" for n, r in conv_ranks.items())
     layout += ", " + ", ".join(f"{n} {linear_method}{r}" for n, r in linear_ranks.items())
     return model, layout
