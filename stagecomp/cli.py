@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from stagecomp.errors import StagecompError
+from stagecomp.report import format_count as _human
+from stagecomp.report import format_ratio as _ratio
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -55,22 +57,6 @@ class _Parser(argparse.ArgumentParser):
 def _one_line(error: BaseException) -> str:
     text = " ".join(str(error).split()) or type(error).__name__
     return text if len(text) <= _MAX_MESSAGE else text[: _MAX_MESSAGE - 3] + "..."
-
-
-def _human(value: int | None) -> str:
-    """12_345_678 -> '12.35M': counts a person can compare at a glance."""
-    if value is None:
-        return "-"
-    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(value) >= size:
-            return f"{value / size:.2f}{unit}"
-    return str(value)
-
-
-def _ratio(before: int | None, after: int | None) -> str:
-    if not before or not after:
-        return "-"
-    return f"{before / after:.2f}x"
 
 
 def _set_threads(threads: int | None) -> None:

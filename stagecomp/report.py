@@ -8,7 +8,8 @@ if TYPE_CHECKING:
     from stagecomp.compressor import Compressor
 
 
-def _count(value: int | None) -> str:
+def format_count(value: int | None) -> str:
+    """12_345_678 -> '12.35M': counts a person can compare at a glance."""
     if value is None:
         return "-"
     for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
@@ -17,7 +18,8 @@ def _count(value: int | None) -> str:
     return str(value)
 
 
-def _ratio(before: int | None, after: int | None) -> str:
+def format_ratio(before: int | None, after: int | None) -> str:
+    """How many times smaller ``after`` is, or '-' when either is unknown."""
     if not before or not after:
         return "-"
     return f"{before / after:.2f}x"
@@ -45,8 +47,8 @@ def format_report(compressor: Compressor) -> str:
         for ch in result.changes:
             ranks = ",".join(str(r) for r in ch.ranks) if ch.ranks else "-"
             err = f"{ch.weight_error:.4f}" if ch.weight_error is not None else "-"
-            params = f"{_count(ch.params_before)} -> {_count(ch.params_after)}"
-            macs = f"{_count(ch.macs_before)} -> {_count(ch.macs_after)}"
+            params = f"{format_count(ch.params_before)} -> {format_count(ch.params_after)}"
+            macs = f"{format_count(ch.macs_before)} -> {format_count(ch.macs_after)}"
             row = (
                 f"{result.step:>4} {ch.stage + 1:>5}  {ch.name:<28} {ch.method:<8} {ranks:<14} "
                 f"{params:>17} {macs:>17} {err:>7}"
@@ -56,9 +58,10 @@ def format_report(compressor: Compressor) -> str:
             lines.append(row)
         base_macs = original.macs if original else None
         lines.append(
-            f"     model after step {result.step}: params {_count(result.params_after)} "
-            f"({_ratio(first_params, result.params_after)} fewer than the original), "
-            f"MACs {_count(result.macs_after)} ({_ratio(base_macs, result.macs_after)} fewer)"
+            f"     model after step {result.step}: params {format_count(result.params_after)} "
+            f"({format_ratio(first_params, result.params_after)} fewer than the original), "
+            f"MACs {format_count(result.macs_after)} "
+            f"({format_ratio(base_macs, result.macs_after)} fewer)"
         )
     if not c.history:
         lines.append("no step has run yet")
