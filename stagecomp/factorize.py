@@ -17,6 +17,7 @@ from typing import cast
 import torch
 from torch import nn
 
+from stagecomp.compressor import decomposable_layers
 from stagecomp.decompose import empty_layer
 from stagecomp.errors import RankError, StagecompError, UnsupportedLayerError
 from stagecomp.layer_shape import LayerShape
@@ -34,16 +35,11 @@ RankSpec = Rank | Mapping[str, Rank]
 
 def _dense_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Every plain Linear and Conv2d, not counting the insides of decomposed layers."""
-    found: list[tuple[str, nn.Module]] = []
-    inside: list[str] = []
-    for name, module in model.named_modules():
-        if any(name.startswith(prefix + ".") for prefix in inside):
-            continue
-        if isinstance(module, DecomposedLayer):
-            inside.append(name)
-        elif isinstance(module, (nn.Linear, nn.Conv2d)) and name:
-            found.append((name, module))
-    return found
+    return [
+        (name, module)
+        for name, module in decomposable_layers(model)
+        if not isinstance(module, DecomposedLayer)
+    ]
 
 
 def _skip_reason(
