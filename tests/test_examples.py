@@ -97,7 +97,6 @@ def test_finetune_imagefolder_missing_data_is_a_clear_error(
     assert message.startswith("error: ") and needle in message
 
 
-@pytest.mark.slow
 def test_sentence_encoder() -> None:
     for package, reason in (
         ("sentence_transformers", "sentence-transformers is not installed"),
