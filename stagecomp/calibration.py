@@ -1,0 +1,228 @@
+"""A calibration pass: per-layer input and output second moments from real batches.
+
+Data-aware factorisations need to know where a layer's inputs (and outputs)
+actually live. One pass over a few batches, with forward hooks on the named
+layers, accumulates ``sum x x^T`` and ``sum x`` in float64 on the model's
+device: memory stays at one ``d x d`` matrix per layer whatever the number of
+batches. Linear layers see every leading dimension (batch, tokens) as samples;
+convolutions see every batch x spatial position as a sample of its channels.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from stagecomp.errors import NoMatchingLayerError, StagecompError, UnsupportedLayerError
+from stagecomp.layer_shape import LayerShape
+from stagecomp.matching import check_keys
+
+logger = logging.getLogger(__name__)
+
+Forward = Callable[[nn.Module, Any], Any]
+"""How one batch is fed to the model: ``forward(model, batch) -> output``."""
+
+
+@dataclass
+class LayerStatistics:
+    """Second moments of one layer's inputs (and outputs), over every sample seen.
+
+    Attributes:
+        count: Number of samples (rows for Linear, batch x positions for Conv2d).
+        input_moment: ``E[x x^T]`` over input features / channels, float64.
+        input_mean: ``E[x]``, float64.
+        output_moment: ``E[y y^T]`` over output channels (bias included), or None.
+        output_mean: ``E[y]``, or None.
+    """
+
+    count: int
+    input_moment: torch.Tensor
+    input_mean: torch.Tensor
+    output_moment: torch.Tensor | None = None
+    output_mean: torch.Tensor | None = None
+
+    def input_covariance(self) -> torch.Tensor:
+        """``E[(x - m)(x - m)^T]``: the centred input covariance."""
+        return self.input_moment - torch.outer(self.input_mean, self.input_mean)
+
+    def output_covariance(self) -> torch.Tensor | None:
+        """Centred output covariance (bias-free by construction), or None if not collected."""
+        if self.output_moment is None or self.output_mean is None:
+            return None
+        return self.output_moment - torch.outer(self.output_mean, self.output_mean)
+
+
+class _Accumulator:
+    """Running float64 sums for one layer; rows of ``samples`` are samples."""
+
+    def __init__(self, name: str, shape: LayerShape, outputs: bool) -> None:
+        self.name = name
+        self.shape = shape
+        self.outputs = outputs
+        self.count = 0
+        self.x_sum: torch.Tensor | None = None
+        self.xx_sum: torch.Tensor | None = None
+        self.y_sum: torch.Tensor | None = None
+        self.yy_sum: torch.Tensor | None = None
+
+    def _rows(self, tensor: torch.Tensor, channels: int) -> torch.Tensor:
+        if self.shape.kind == "linear":
+            rows = tensor.reshape(-1, tensor.shape[-1])
+        else:
+            rows = tensor.movedim(1, -1).reshape(-1, tensor.shape[1])
+        if rows.shape[1] != channels:
+            raise StagecompError(
+                f"layer {self.name!r}: calibration saw {rows.shape[1]} features, "
+                f"expected {channels}"
+            )
+        return rows.detach().to(torch.float64)
+
+    def add(self, inputs: tuple[Any, ...], output: Any) -> None:
+        x = self._rows(inputs[0], self.shape.in_channels)
+        if self.xx_sum is None:
+            d = x.shape[1]
+            self.xx_sum = torch.zeros(d, d, dtype=torch.float64, device=x.device)
+            self.x_sum = torch.zeros(d, dtype=torch.float64, device=x.device)
+        assert self.x_sum is not None
+        self.xx_sum.addmm_(x.T, x)
+        self.x_sum += x.sum(dim=0)
+        self.count += x.shape[0]
+        if self.outputs and isinstance(output, torch.Tensor):
+            y = self._rows(output, self.shape.out_channels)
+            if self.yy_sum is None:
+                d = y.shape[1]
+                self.yy_sum = torch.zeros(d, d, dtype=torch.float64, device=y.device)
+                self.y_sum = torch.zeros(d, dtype=torch.float64, device=y.device)
+            assert self.y_sum is not None
+            self.yy_sum.addmm_(y.T, y)
+            self.y_sum += y.sum(dim=0)
+
+    def result(self) -> LayerStatistics:
+        if self.xx_sum is None or self.x_sum is None or self.count == 0:
+            raise StagecompError(
+                f"layer {self.name!r} saw no input during calibration; "
+                "check that the batches run through it"
+            )
+        n = float(self.count)
+        stats = LayerStatistics(self.count, self.xx_sum / n, self.x_sum / n)
+        if self.yy_sum is not None and self.y_sum is not None:
+            stats.output_moment = self.yy_sum / n
+            stats.output_mean = self.y_sum / n
+        return stats
+
+
+def run_batch(model: nn.Module, batch: Any, forward: Forward | None = None) -> Any:
+    """Feed one batch: ``model(b)``, ``model(*b)`` for a tuple, ``model(**b)`` for a dict.
+
+    Tensors are moved to the model's device first. Models that take a dict as
+    one argument (sentence-transformers) need ``forward=lambda m, b: m(b)``.
+    """
+    device = _device(model)
+    batch = _to_device(batch, device)
+    if forward is not None:
+        return forward(model, batch)
+    if isinstance(batch, torch.Tensor):
+        return model(batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    raise StagecompError(
+        f"calibration batch of type {type(batch).__name__} is not allowed; expected a tensor, "
+        "a tuple/list (model(*batch)), a dict (model(**batch)) or a forward= callable"
+    )
+
+
+@torch.no_grad()
+def collect_statistics(
+    model: nn.Module,
+    batches: Iterable[Any],
+    names: Sequence[str],
+    *,
+    outputs: Sequence[str] | bool = False,
+    forward: Forward | None = None,
+    max_batches: int | None = None,
+    progress: bool = True,
+) -> dict[str, LayerStatistics]:
+    """Input (and optionally output) second moments of the named layers, in one pass.
+
+    Args:
+        model: The model as it is now (earlier compression steps included); it is
+            run in eval mode and its mode is restored afterwards.
+        batches: An iterable of batches (a DataLoader, a list of tensors, ...).
+        names: Qualified names of Linear, Conv2d or decomposed layers.
+        outputs: Also collect output moments, for every layer (True) or the named ones.
+        forward: ``forward(model, batch)``, for models not called as ``run_batch`` does.
+        max_batches: Stop after this many batches.
+        progress: Show a tqdm bar over the batches.
+
+    Returns:
+        One ``LayerStatistics`` per name.
+    """
+    modules = dict(model.named_modules())
+    check_keys(dict.fromkeys(names), list(modules), "calibration layers")
+    missing = [n for n in names if n not in modules]
+    if missing:
+        raise NoMatchingLayerError(f"calibration layers {missing} are not layers of the model")
+    want_outputs = set(names) if outputs is True else set(outputs or ())
+    accumulators: dict[str, _Accumulator] = {}
+    for name in names:
+        try:
+            shape = LayerShape.from_module(modules[name], name)
+        except UnsupportedLayerError as error:
+            raise UnsupportedLayerError(f"calibration: {error}") from None
+        accumulators[name] = _Accumulator(name, shape, name in want_outputs)
+    handles = []
+    was_training = model.training
+    try:
+        for name, acc in accumulators.items():
+            handles.append(
+                modules[name].register_forward_hook(
+                    lambda _m, inputs, output, acc=acc: acc.add(inputs, output)
+                )
+            )
+        model.eval()
+        source = itertools.islice(batches, max_batches) if max_batches else batches
+        total = max_batches if max_batches else _length(batches)
+        for batch in tqdm(source, desc="calibration", total=total, disable=not progress):
+            run_batch(model, batch, forward)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return {name: acc.result() for name, acc in accumulators.items()}
+
+
+def _length(batches: Iterable[Any]) -> int | None:
+    try:
+        return len(batches)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def _device(model: nn.Module) -> torch.device:
+    for param in model.parameters():
+        return param.device
+    return torch.device("cpu")
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, tuple):
+        return tuple(_to_device(b, device) for b in batch)
+    if isinstance(batch, list):
+        return [_to_device(b, device) for b in batch]
+    if isinstance(batch, Mapping):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+__all__ = ["Forward", "LayerStatistics", "collect_statistics", "run_batch"]
