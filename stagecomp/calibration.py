@@ -40,6 +40,9 @@ class LayerStatistics:
         input_mean: ``E[x]``, float64.
         output_moment: ``E[y y^T]`` over output channels (bias included), or None.
         output_mean: ``E[y]``, or None.
+        cross_moment: ``E[x_ref x^T]`` between the inputs the same layer of a reference
+            model (the original, uncompressed one) saw and the inputs it sees now, or
+            None. With it the factors can undo the drift of earlier compressed layers.
     """
 
     count: int
@@ -47,6 +50,7 @@ class LayerStatistics:
     input_mean: torch.Tensor
     output_moment: torch.Tensor | None = None
     output_mean: torch.Tensor | None = None
+    cross_moment: torch.Tensor | None = None
 
     def input_covariance(self) -> torch.Tensor:
         """``E[(x - m)(x - m)^T]``: the centred input covariance."""
@@ -62,10 +66,13 @@ class LayerStatistics:
 class _Accumulator:
     """Running float64 sums for one layer; rows of ``samples`` are samples."""
 
-    def __init__(self, name: str, shape: LayerShape, outputs: bool) -> None:
+    def __init__(self, name: str, shape: LayerShape, outputs: bool, cross: bool = False) -> None:
         self.name = name
         self.shape = shape
         self.outputs = outputs
+        self.cross = cross
+        self.pending: list[torch.Tensor] = []
+        self.cross_sum: torch.Tensor | None = None
         self.count = 0
         self.x_sum: torch.Tensor | None = None
         self.xx_sum: torch.Tensor | None = None
@@ -94,6 +101,21 @@ class _Accumulator:
         self.xx_sum.addmm_(x.T, x)
         self.x_sum += x.sum(dim=0)
         self.count += x.shape[0]
+        if self.cross:
+            if not self.pending:
+                raise StagecompError(
+                    f"layer {self.name!r} ran more often in the model than in the reference"
+                )
+            ref = self.pending.pop(0)
+            if ref.shape != x.shape:
+                raise StagecompError(
+                    f"layer {self.name!r} saw inputs of shape {tuple(x.shape)} but the "
+                    f"reference layer saw {tuple(ref.shape)}; the reference must be the "
+                    "same architecture fed the same batches"
+                )
+            if self.cross_sum is None:
+                self.cross_sum = torch.zeros_like(self.xx_sum)
+            self.cross_sum.addmm_(ref.T, x)
         if self.outputs and isinstance(output, torch.Tensor):
             y = self._rows(output, self.shape.out_channels)
             if self.yy_sum is None:
@@ -103,6 +125,9 @@ class _Accumulator:
             assert self.y_sum is not None
             self.yy_sum.addmm_(y.T, y)
             self.y_sum += y.sum(dim=0)
+
+    def add_reference(self, inputs: tuple[Any, ...]) -> None:
+        self.pending.append(self._rows(inputs[0], self.shape.in_channels))
 
     def result(self) -> LayerStatistics:
         if self.xx_sum is None or self.x_sum is None or self.count == 0:
@@ -115,6 +140,8 @@ class _Accumulator:
         if self.yy_sum is not None and self.y_sum is not None:
             stats.output_moment = self.yy_sum / n
             stats.output_mean = self.y_sum / n
+        if self.cross_sum is not None:
+            stats.cross_moment = self.cross_sum / n
         return stats
 
 
@@ -150,6 +177,7 @@ def collect_statistics(
     forward: Forward | None = None,
     max_batches: int | None = None,
     progress: bool = True,
+    reference: nn.Module | None = None,
 ) -> dict[str, LayerStatistics]:
     """Input (and optionally output) second moments of the named layers, in one pass.
 
@@ -162,6 +190,8 @@ def collect_statistics(
         forward: ``forward(model, batch)``, for models not called as ``run_batch`` does.
         max_batches: Stop after this many batches.
         progress: Show a tqdm bar over the batches.
+        reference: The same architecture before compression; when given, each batch
+            also runs through it and ``cross_moment`` is collected (see ``LayerStatistics``).
 
     Returns:
         One ``LayerStatistics`` per name.
@@ -178,9 +208,12 @@ def collect_statistics(
             shape = LayerShape.from_module(modules[name], name)
         except UnsupportedLayerError as error:
             raise UnsupportedLayerError(f"calibration: {error}") from None
-        accumulators[name] = _Accumulator(name, shape, name in want_outputs)
+        accumulators[name] = _Accumulator(
+            name, shape, name in want_outputs, cross=reference is not None
+        )
+    reference_modules = dict(reference.named_modules()) if reference is not None else {}
     handles = []
-    was_training = model.training
+    modes = [(m, m.training) for m in (model, reference) if m is not None]
     try:
         for name, acc in accumulators.items():
             handles.append(
@@ -188,15 +221,29 @@ def collect_statistics(
                     lambda _m, inputs, output, acc=acc: acc.add(inputs, output)
                 )
             )
-        model.eval()
+            if reference is not None:
+                if name not in reference_modules:
+                    raise NoMatchingLayerError(f"the reference model has no layer {name!r}")
+                handles.append(
+                    reference_modules[name].register_forward_hook(
+                        lambda _m, inputs, _output, acc=acc: acc.add_reference(inputs)
+                    )
+                )
+        for module, _ in modes:
+            module.eval()
         source = itertools.islice(batches, max_batches) if max_batches else batches
         total = max_batches if max_batches else _length(batches)
         for batch in tqdm(source, desc="calibration", total=total, disable=not progress):
+            if reference is not None:
+                run_batch(reference, batch, forward)
             run_batch(model, batch, forward)
+            for acc in accumulators.values():
+                acc.pending.clear()
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
+        for module, mode in modes:
+            module.train(mode)
     return {name: acc.result() for name, acc in accumulators.items()}
 
 

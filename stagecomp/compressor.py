@@ -8,6 +8,7 @@ fine-tune between steps with any trainer.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -207,6 +208,10 @@ class Compressor:
             (``None`` keeps weight-only factors). ``None``: weight-only everywhere.
         calibration_forward: ``forward(model, batch)`` when the model is not called as
             ``model(batch)`` / ``model(*batch)`` / ``model(**batch)``.
+        correct_drift: Keep a copy of the original model and fit each data-aware layer
+            to the original layer's outputs on the original inputs, from the inputs it
+            sees now, so it also undoes drift caused by earlier compressed layers
+            (costs one copy of the model and a second forward per calibration batch).
     """
 
     def __init__(
@@ -228,6 +233,7 @@ class Compressor:
         calibration: Iterable[Any] | None = None,
         data_aware: str | Mapping[str, str | None] | None = None,
         calibration_forward: Forward | None = None,
+        correct_drift: bool = False,
     ) -> None:
         for label, value in (("layers_per_step", layers_per_step), ("stages", stages)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -262,6 +268,12 @@ class Compressor:
                 f"data_aware={data_aware!r} needs calibration batches: "
                 "Compressor(..., calibration=batches)"
             )
+        if correct_drift and data_aware is None:
+            raise StagecompError(
+                "correct_drift=True is allowed only with data_aware='whiten' or 'output' "
+                "(and calibration batches)"
+            )
+        self._reference = copy.deepcopy(model) if correct_drift else None
 
         candidates = decomposable_layers(model)
         names = [name for name, _ in candidates]
@@ -462,6 +474,7 @@ class Compressor:
             outputs=outputs,
             forward=self.calibration_forward,
             progress=self.progress,
+            reference=self._reference,
         )
 
     def _compress_layer(

@@ -14,8 +14,10 @@ from torch import nn
 
 from stagecomp.calibration import LayerStatistics
 from stagecomp.decompositions.data_aware import (
+    CORRECTION_DAMPING,
     DEFAULT_DAMPING,
     data_aware_tucker2,
+    drift_corrected,
     output_covariance_svd,
     whitened_spectrum,
     whitened_svd,
@@ -91,6 +93,7 @@ def decompose_data_aware(
     options: DecomposeOptions | None = None,
     name: str | None = None,
     damping: float = DEFAULT_DAMPING,
+    correction_damping: float = CORRECTION_DAMPING,
 ) -> DecomposedLayer:
     """Like ``stagecomp.decompose``, with factors fitted to the layer's calibration data.
 
@@ -104,6 +107,8 @@ def decompose_data_aware(
         options: Decomposition options (kept on the new layer).
         name: The layer's name, for messages.
         damping: Relative ridge on the input moment before its square root.
+        correction_damping: Relative ridge of the drift correction (used when the
+            statistics have a ``cross_moment``).
 
     Returns:
         A new ``SVDLinear`` / ``SVDConv2d`` / ``Tucker2Conv2d`` on the module's device and dtype.
@@ -129,6 +134,10 @@ def decompose_data_aware(
             block = slice(g * ipg, (g + 1) * ipg)
             moment = statistics.input_moment[block, block]
             matrix = grouped[g].reshape(opg, ipg)
+            if statistics.cross_moment is not None:
+                matrix = drift_corrected(
+                    matrix, moment, statistics.cross_moment[block, block], correction_damping
+                )
             if variant == "output" and b is not None:
                 mean = statistics.input_mean[block]
                 u, s, vh, group_shift = output_covariance_svd(

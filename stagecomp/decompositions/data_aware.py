@@ -28,6 +28,9 @@ import torch
 # Relative damping added to a second moment before its square root: enough for
 # Cholesky to succeed on a singular matrix, far below any eigenvalue that matters.
 DEFAULT_DAMPING = 1e-10
+# Relative ridge of the drift-correcting least squares: it inverts the input
+# moment, so directions the data hardly visits must not get huge weights.
+CORRECTION_DAMPING = 1e-4
 
 
 def moment_root(moment: torch.Tensor, damping: float = DEFAULT_DAMPING) -> torch.Tensor:
@@ -141,6 +144,30 @@ def output_covariance_svd(
     return u, s, vh, shift
 
 
+def drift_corrected(
+    weight: torch.Tensor,
+    moment: torch.Tensor,
+    cross_moment: torch.Tensor,
+    damping: float = CORRECTION_DAMPING,
+) -> torch.Tensor:
+    """The weight that best maps the inputs seen now to the original outputs.
+
+    After earlier layers were compressed a layer sees ``x`` instead of the
+    original ``x_ref``. ``B = W E[x_ref x^T] E[x x^T]^-1`` (a ridge-damped least
+    squares) minimises ``E||W x_ref - B x||^2``; whitening ``B`` with the moment of
+    ``x`` then truncates it optimally for that same error, so each layer also
+    undoes part of the drift the layers before it caused.
+    """
+    s = moment.to(torch.float64)
+    s = (s + s.T) / 2
+    scale = float(s.diagonal().mean()) if s.numel() else 0.0
+    eye = torch.eye(s.shape[0], dtype=s.dtype, device=s.device)
+    damped = s + max(damping * scale, torch.finfo(s.dtype).tiny) * eye
+    w = weight.to(torch.float64)
+    target = w @ cross_moment.to(w.device, torch.float64)  # W E[x_ref x^T]
+    return torch.linalg.solve(damped, target.T).T
+
+
 def principal_axes(moment: torch.Tensor, rank: int) -> torch.Tensor:
     """The top ``rank`` eigenvectors of a symmetric moment, ``(d, rank)``, orthonormal."""
     s = moment.to(torch.float64)
@@ -193,8 +220,10 @@ def data_aware_tucker2(
 
 
 __all__ = [
+    "CORRECTION_DAMPING",
     "DEFAULT_DAMPING",
     "data_aware_tucker2",
+    "drift_corrected",
     "moment_root",
     "output_covariance_svd",
     "principal_axes",
