@@ -43,6 +43,9 @@ class LayerStatistics:
         cross_moment: ``E[x_ref x^T]`` between the inputs the same layer of a reference
             model (the original, uncompressed one) saw and the inputs it sees now, or
             None. With it the factors can undo the drift of earlier compressed layers.
+        gradient_moment: ``sum g g^T`` per batch, ``g`` the gradient of a random
+            projection of the model's output with respect to this layer's output
+            (see ``collect_gradient_moments``), or None.
     """
 
     count: int
@@ -51,6 +54,7 @@ class LayerStatistics:
     output_moment: torch.Tensor | None = None
     output_mean: torch.Tensor | None = None
     cross_moment: torch.Tensor | None = None
+    gradient_moment: torch.Tensor | None = None
 
     def input_covariance(self) -> torch.Tensor:
         """``E[(x - m)(x - m)^T]``: the centred input covariance."""
@@ -247,6 +251,110 @@ def collect_statistics(
     return {name: acc.result() for name, acc in accumulators.items()}
 
 
+OutputFn = Callable[[Any], torch.Tensor]
+"""Picks the tensor to compare from what the model returns."""
+
+
+def main_output(output: Any) -> torch.Tensor:
+    """The tensor to compare: the output itself, the first of a tuple, or a known dict key.
+
+    Dicts are searched for ``sentence_embedding`` (sentence-transformers),
+    ``logits`` and ``last_hidden_state`` (Hugging Face); pass ``output=`` otherwise.
+    """
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, Mapping):
+        for key in ("sentence_embedding", "logits", "last_hidden_state"):
+            if isinstance(output.get(key), torch.Tensor):
+                return output[key]
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise StagecompError(
+        f"cannot tell which part of a {type(output).__name__} model output to compare; "
+        "pass output=lambda out: ... returning a tensor"
+    )
+
+
+def collect_gradient_moments(
+    model: nn.Module,
+    batches: Iterable[Any],
+    names: Sequence[str],
+    *,
+    forward: Forward | None = None,
+    output: OutputFn | None = None,
+    probes: int = 1,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, torch.Tensor]:
+    """How much an error in each layer's output moves the model's final output.
+
+    For a random Gaussian ``r`` over the final output ``f``, ``g = d(r . f)/dy`` at a
+    layer output ``y`` has ``E[g g^T] = J^T J`` (Gauss-Newton), so an output error
+    ``dy`` changes ``f`` by about ``dy^T E[g g^T] dy``. Summed over the rows of a
+    batch and averaged over batches and probes, the moments of different layers
+    are in the same units and can be compared. No parameter's ``.grad`` is touched.
+
+    Returns:
+        ``{name: (out, out) float64 matrix}``.
+    """
+    pick = output or main_output
+    modules = dict(model.named_modules())
+    missing = [n for n in names if n not in modules]
+    if missing:
+        raise NoMatchingLayerError(f"layers {missing} are not layers of the model")
+    shapes = {n: LayerShape.from_module(modules[n], n) for n in names}
+    sums: dict[str, torch.Tensor] = {}
+    captured: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    handles = []
+    flags = [(p, p.requires_grad) for n in names for p in modules[n].parameters()]
+    was_training = model.training
+    generator = torch.Generator().manual_seed(seed)
+    batches_seen = 0
+    try:
+        for name in names:
+            handles.append(
+                modules[name].register_forward_hook(
+                    lambda _m, _i, out, name=name: captured[name].append(out)
+                )
+            )
+        for param, _ in flags:
+            param.requires_grad_(True)
+        model.eval()
+        for batch in tqdm(batches, desc="gradients", disable=not progress):
+            for values in captured.values():
+                values.clear()
+            with torch.enable_grad():
+                final = pick(run_batch(model, batch, forward))
+                outs = [o for n in names for o in captured[n]]
+                owners = [n for n in names for _ in captured[n]]
+                for probe in range(probes):
+                    r = torch.randn(final.shape, generator=generator).to(final)
+                    grads = torch.autograd.grad(
+                        (final * r).sum(), outs, retain_graph=probe + 1 < probes, allow_unused=True
+                    )
+                    for name, grad in zip(owners, grads, strict=True):
+                        if grad is None:
+                            continue
+                        rows = _Accumulator(name, shapes[name], False)._rows(
+                            grad, shapes[name].out_channels
+                        )
+                        if name not in sums:
+                            sums[name] = rows.T @ rows
+                        else:
+                            sums[name].addmm_(rows.T, rows)
+            batches_seen += 1
+    finally:
+        for handle in handles:
+            handle.remove()
+        for param, flag in flags:
+            param.requires_grad_(flag)
+        model.train(was_training)
+    absent = [n for n in names if n not in sums]
+    if absent:
+        raise StagecompError(f"layers {absent} do not affect the model's output")
+    return {n: sums[n] / (batches_seen * probes) for n in names}
+
+
 def _length(batches: Iterable[Any]) -> int | None:
     try:
         return len(batches)  # type: ignore[arg-type]
@@ -272,4 +380,12 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-__all__ = ["Forward", "LayerStatistics", "collect_statistics", "run_batch"]
+__all__ = [
+    "Forward",
+    "LayerStatistics",
+    "OutputFn",
+    "collect_gradient_moments",
+    "collect_statistics",
+    "main_output",
+    "run_batch",
+]

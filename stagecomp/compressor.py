@@ -18,7 +18,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from stagecomp.calibration import Forward, LayerStatistics, collect_statistics
+from stagecomp.calibration import (
+    Forward,
+    LayerStatistics,
+    OutputFn,
+    collect_gradient_moments,
+    collect_statistics,
+)
 from stagecomp.data_aware import (
     check_variant,
     decompose_data_aware,
@@ -212,6 +218,8 @@ class Compressor:
             to the original layer's outputs on the original inputs, from the inputs it
             sees now, so it also undoes drift caused by earlier compressed layers
             (costs one copy of the model and a second forward per calibration batch).
+        calibration_output: Picks the tensor whose gradients the ``"gradient"`` variant
+            uses from the model's output (default ``stagecomp.calibration.main_output``).
     """
 
     def __init__(
@@ -234,6 +242,7 @@ class Compressor:
         data_aware: str | Mapping[str, str | None] | None = None,
         calibration_forward: Forward | None = None,
         correct_drift: bool = False,
+        calibration_output: OutputFn | None = None,
     ) -> None:
         for label, value in (("layers_per_step", layers_per_step), ("stages", stages)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -262,6 +271,7 @@ class Compressor:
         self._linear_method = linear_method
         self.calibration = calibration
         self.calibration_forward = calibration_forward
+        self.calibration_output = calibration_output
         self._data_aware = data_aware
         if data_aware is not None and calibration is None:
             raise StagecompError(
@@ -467,7 +477,7 @@ class Compressor:
             for t in targets
             if needs_outputs(t.method, LayerShape.from_module(get_module(self.model, t.name)))
         ]
-        return collect_statistics(
+        statistics = collect_statistics(
             self.model,
             self.calibration,
             names,
@@ -476,6 +486,19 @@ class Compressor:
             progress=self.progress,
             reference=self._reference,
         )
+        weighted = [n for n in names if self._variant_for(n) == "gradient"]
+        if weighted:
+            gradients = collect_gradient_moments(
+                self.model,
+                self.calibration,
+                weighted,
+                forward=self.calibration_forward,
+                output=self.calibration_output,
+                progress=self.progress,
+            )
+            for name, moment in gradients.items():
+                statistics[name].gradient_moment = moment
+        return statistics
 
     def _compress_layer(
         self,

@@ -18,6 +18,7 @@ from stagecomp.decompositions.data_aware import (
     DEFAULT_DAMPING,
     data_aware_tucker2,
     drift_corrected,
+    gradient_weighted_svd,
     output_covariance_svd,
     whitened_spectrum,
     whitened_svd,
@@ -31,10 +32,12 @@ from stagecomp.layers.tucker2_conv2d import Tucker2Conv2d
 from stagecomp.options import DecomposeOptions
 from stagecomp.registry import layer_class
 
-VARIANTS = ("whiten", "output")
+VARIANTS = ("whiten", "output", "gradient")
 """``"whiten"``: SVD-LLM's whitened SVD (input second moment); ``"output"``: falor's
-centred output covariance with the mean moved into the bias. Tucker2 uses the
-input and output channel moments for either."""
+centred output covariance with the mean moved into the bias; ``"gradient"``: the
+whitened SVD also weighted on the output side by the moment of the final output's
+gradients (needs ``LayerStatistics.gradient_moment``). Tucker2 uses the input and
+output channel moments for all of them."""
 
 
 def check_variant(variant: str, name: str | None = None) -> str:
@@ -144,6 +147,20 @@ def decompose_data_aware(
                     matrix, moment, mean, ranks[0], damping=damping
                 )
                 shift[g * opg : (g + 1) * opg] = group_shift
+            elif variant == "gradient":
+                if statistics.gradient_moment is None:
+                    raise StagecompError(
+                        f"{describe(shape, name)}: the 'gradient' variant needs "
+                        "statistics.gradient_moment (collect_gradient_moments)"
+                    )
+                outb = slice(g * opg, (g + 1) * opg)
+                u, s, vh = gradient_weighted_svd(
+                    matrix,
+                    moment,
+                    statistics.gradient_moment[outb, outb],
+                    ranks[0],
+                    damping=damping,
+                )
             else:
                 u, s, vh = whitened_svd(matrix, moment, ranks[0], damping=damping)
             triplets.append((u, s, vh))

@@ -9,12 +9,15 @@ import torch
 from torch import nn
 
 import stagecomp as sc
-from stagecomp.calibration import collect_statistics
+from stagecomp.calibration import collect_gradient_moments, collect_statistics
 from stagecomp.data_aware import decompose_data_aware, output_error_curve
 from stagecomp.decompositions.data_aware import (
     data_aware_tucker2,
+    drift_corrected,
+    gradient_weighted_svd,
     moment_root,
     output_covariance_svd,
+    weighted_spectrum,
     whitened_svd,
 )
 from stagecomp.strategies.data_aware import allocate_ranks
@@ -352,3 +355,88 @@ def test_compressor_checks_data_aware_arguments() -> None:
         sc.Compressor(_Tiny(), data_aware={"nope": "whiten"}, calibration=[])
     with pytest.raises(sc.RankError, match="tolerance"):
         sc.DataAware(tolerance=2.0)
+
+
+# ---------------------------------------------------------------------------- gradient weighting
+def _spd(n: int, rank: int | None = None) -> torch.Tensor:
+    a = torch.randn(n, rank or n, dtype=D)
+    return a @ a.T / n
+
+
+@pytest.mark.parametrize("shape", [(12, 20), (20, 12)])
+def test_gradient_weighted_svd_is_exact_at_full_rank(shape: tuple) -> None:
+    out, inp = shape
+    w = torch.randn(out, inp, dtype=D)
+    u, s, vh = gradient_weighted_svd(w, _spd(inp, 3), _spd(out, 2), min(shape))
+    assert _relative(u @ torch.diag(s) @ vh, w) < 1e-8
+
+
+def test_gradient_weighted_svd_cost_is_the_weighted_spectrum_tail() -> None:
+    w = torch.randn(16, 24, dtype=D)
+    s_in, g_out = _spd(24), _spd(16)
+    u, s, vh = gradient_weighted_svd(w, s_in, g_out, 5)
+    delta = w - u @ torch.diag(s) @ vh
+    cost = float(torch.trace(g_out @ delta @ s_in @ delta.T))
+    spectrum = weighted_spectrum(w, s_in, g_out)
+    assert cost == pytest.approx(float(spectrum[5:].square().sum()), rel=1e-5)
+    # With G = I it is the whitened SVD.
+    u2, s2, vh2 = gradient_weighted_svd(w, s_in, torch.eye(16, dtype=D), 5)
+    u3, s3, vh3 = whitened_svd(w, s_in, 5)
+    assert _relative(u2 @ torch.diag(s2) @ vh2, u3 @ torch.diag(s3) @ vh3) < 1e-6
+
+
+def test_gradient_weighted_svd_reproduces_subspace_inputs() -> None:
+    w = torch.randn(24, 32, dtype=D)
+    x = _subspace_inputs(500, 32, 5)
+    u, s, vh = gradient_weighted_svd(w, x.T @ x / len(x), _spd(24), 5)
+    assert _relative(x @ (u @ torch.diag(s) @ vh).T, x @ w.T) < 1e-7
+
+
+def test_collect_gradient_moments_matches_the_jacobian_and_leaves_grads_alone() -> None:
+    model = nn.Sequential(nn.Linear(5, 4), nn.Linear(4, 3)).double()
+    model[0].requires_grad_(False)
+    x = torch.randn(6, 5, dtype=D)
+    moments = collect_gradient_moments(model, [x], ["0"], probes=1, seed=3, progress=False)
+    r = torch.randn((6, 3), generator=torch.Generator().manual_seed(3)).to(D)
+    g = r @ model[1].weight.detach()  # d(r . f)/dy for f = y B^T + c
+    assert torch.allclose(moments["0"], g.T @ g)
+    assert all(p.grad is None for p in model.parameters())
+    assert not model[0].weight.requires_grad and model[1].weight.requires_grad
+
+
+def test_drift_correction_undoes_a_known_input_distortion() -> None:
+    w = torch.randn(8, 6, dtype=D)
+    x_ref = torch.randn(400, 6, dtype=D)
+    mix = torch.eye(6, dtype=D) + 0.3 * torch.randn(6, 6, dtype=D)
+    x_now = x_ref @ mix.T  # what an earlier compressed layer hands on
+    corrected = drift_corrected(w, x_now.T @ x_now / 400, x_ref.T @ x_now / 400, damping=1e-12)
+    assert _relative(x_now @ corrected.T, x_ref @ w.T) < 1e-8
+
+
+def test_compressor_gradient_variant_and_drift_correction_run_and_help() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 4)
+    ).double()
+    batches = [torch.randn(64, 16, dtype=D) @ torch.diag(torch.linspace(0.05, 1, 16, dtype=D))]
+    x = batches[0]
+    with torch.no_grad():
+        target = model(x)
+    errors = {}
+    for key, kwargs in {
+        "weight": {},
+        "gradient": {"calibration": batches, "data_aware": "gradient"},
+        "whiten": {"calibration": batches, "data_aware": "whiten"},
+        "drift": {"calibration": batches, "data_aware": "whiten", "correct_drift": True},
+    }.items():
+        copy_ = copy.deepcopy(model)
+        compressor = sc.Compressor(
+            copy_, sc.Manual(rank=4), ranks={"4": None}, progress=False, **kwargs
+        )
+        while not compressor.done:
+            compressor.compression_step()
+        with torch.no_grad():
+            errors[key] = _relative(copy_(x), target)
+    assert errors["gradient"] < 0.5 * errors["weight"]
+    assert errors["whiten"] < 0.7 * errors["weight"]
+    assert errors["drift"] < errors["whiten"]

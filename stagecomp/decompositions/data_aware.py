@@ -31,6 +31,9 @@ DEFAULT_DAMPING = 1e-10
 # Relative ridge of the drift-correcting least squares: it inverts the input
 # moment, so directions the data hardly visits must not get huge weights.
 CORRECTION_DAMPING = 1e-4
+# Relative ridge on the output-gradient moment: output directions the final
+# output ignores get a small, finite weight instead of none.
+GRADIENT_DAMPING = 1e-6
 
 
 def moment_root(moment: torch.Tensor, damping: float = DEFAULT_DAMPING) -> torch.Tensor:
@@ -168,6 +171,54 @@ def drift_corrected(
     return torch.linalg.solve(damped, target.T).T
 
 
+def weighted_spectrum(
+    weight: torch.Tensor,
+    moment: torch.Tensor,
+    gradient_moment: torch.Tensor,
+    damping: float = DEFAULT_DAMPING,
+) -> torch.Tensor:
+    """Singular values of ``R^T W L`` (``R R^T = gradient_moment``, ``L L^T = moment``).
+
+    Dropping component ``i`` changes the model's final output by about ``s_i^2``
+    (in the units ``gradient_moment`` was collected in), so these values compare
+    across layers: a global budget drops the smallest ones first.
+    """
+    w = weight.to(torch.float64)
+    left = moment_root(gradient_moment.to(w.device), GRADIENT_DAMPING)
+    return torch.linalg.svdvals(left.T @ w @ moment_root(moment.to(w.device), damping))
+
+
+def gradient_weighted_svd(
+    weight: torch.Tensor,
+    moment: torch.Tensor,
+    gradient_moment: torch.Tensor,
+    rank: int,
+    *,
+    damping: float = DEFAULT_DAMPING,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rank-``rank`` ``W_r`` minimising ``tr(G (W - W_r) S (W - W_r)^T)``: both sides whitened.
+
+    ``S`` is the input moment and ``G = E[g g^T]`` the moment of the gradients of
+    the model's output with respect to this layer's output (a Gauss-Newton,
+    Kronecker-factored estimate of how an error in this layer's output moves the
+    final output). With ``G = I`` this is ``whitened_svd``. ``W_r = R^-T U_r U_r^T R^T W``
+    with ``U_r`` the leading left singular vectors of ``R^T W L``: exact at full rank
+    and on inputs in a subspace of dimension ``rank``.
+
+    Returns:
+        ``u (out, rank)``, ``s (rank,)``, ``vh (rank, in)``: an exact SVD of ``W_r``.
+    """
+    _check(weight, moment, rank)
+    w = weight.to(torch.float64)
+    root = moment_root(gradient_moment.to(w.device), GRADIENT_DAMPING)
+    basis = _output_basis(root.T @ w, moment.to(w.device), rank, damping)
+    second = torch.linalg.solve(root.T, basis)  # R^-T U_r, out x rank
+    first = basis.T @ (root.T @ w)  # U_r^T R^T W, rank x in
+    q, r = torch.linalg.qr(second)
+    a, s, vh = torch.linalg.svd(r @ first, full_matrices=False)
+    return q @ a, s, vh
+
+
 def principal_axes(moment: torch.Tensor, rank: int) -> torch.Tensor:
     """The top ``rank`` eigenvectors of a symmetric moment, ``(d, rank)``, orthonormal."""
     s = moment.to(torch.float64)
@@ -222,11 +273,14 @@ def data_aware_tucker2(
 __all__ = [
     "CORRECTION_DAMPING",
     "DEFAULT_DAMPING",
+    "GRADIENT_DAMPING",
     "data_aware_tucker2",
     "drift_corrected",
+    "gradient_weighted_svd",
     "moment_root",
     "output_covariance_svd",
     "principal_axes",
+    "weighted_spectrum",
     "whitened_spectrum",
     "whitened_svd",
 ]

@@ -18,19 +18,27 @@ ranks and staying dense.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from stagecomp.calibration import Forward, collect_statistics, run_batch
+from stagecomp.calibration import (
+    Forward,
+    OutputFn,
+    collect_gradient_moments,
+    collect_statistics,
+    main_output,
+    run_batch,
+)
 from stagecomp.data_aware import check_variant, decompose_data_aware, output_error_curve
+from stagecomp.decompositions.data_aware import weighted_spectrum
 from stagecomp.errors import RankError, StagecompError, UnsupportedLayerError
 from stagecomp.layer_shape import LayerShape
-from stagecomp.layers.base import describe
+from stagecomp.layers.base import DecomposedLayer, describe
 from stagecomp.options import DecomposeOptions
 from stagecomp.registry import layer_class
 from stagecomp.surgery import get_module, replace_module
@@ -39,9 +47,6 @@ if TYPE_CHECKING:
     from stagecomp.strategies.base import RankRequest
 
 logger = logging.getLogger(__name__)
-
-OutputFn = Callable[[Any], torch.Tensor]
-"""Picks the tensor to compare from what the model returns."""
 
 
 @dataclass(frozen=True)
@@ -116,26 +121,6 @@ def _energy_rank(moment: torch.Tensor, groups: int, tolerance: float) -> int:
     return best
 
 
-def main_output(output: Any) -> torch.Tensor:
-    """The tensor to compare: the output itself, the first of a tuple, or a known dict key.
-
-    Dicts are searched for ``sentence_embedding`` (sentence-transformers),
-    ``logits`` and ``last_hidden_state`` (Hugging Face); pass ``output=`` otherwise.
-    """
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, Mapping):
-        for key in ("sentence_embedding", "logits", "last_hidden_state"):
-            if isinstance(output.get(key), torch.Tensor):
-                return output[key]
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise StagecompError(
-        f"cannot tell which part of a {type(output).__name__} model output to compare; "
-        "pass output=lambda out: ... returning a tensor"
-    )
-
-
 def allocate_ranks(
     model: nn.Module,
     batches: Iterable[Any],
@@ -145,8 +130,9 @@ def allocate_ranks(
     variant: str = "whiten",
     forward: Forward | None = None,
     output: OutputFn | None = None,
+    sensitivity: str = "gradient",
     sensitivity_batches: int = 2,
-    rounds: int = 2,
+    rounds: int = 1,
     options: DecomposeOptions | None = None,
     progress: bool = True,
 ) -> dict[str, int | None]:
@@ -158,10 +144,17 @@ def allocate_ranks(
         names: Linear / 1x1 conv layers to share the budget.
         rate: Their total parameters are divided by at least this (> 1).
         variant: Data-aware variant used when probing the sensitivity.
+        sensitivity: ``"gradient"``: each layer's whitened spectrum weighted on the
+            output side by the moment of the final output's gradients
+            (``collect_gradient_moments``), so every dropped component has a predicted
+            cost in the final output, comparable across layers (one forward and
+            backward per batch). ``"probe"``: truncate each layer alone and measure
+            the final output's noise-to-signal ratio (one forward per layer, batch
+            and round).
         forward: How a batch is fed (see ``stagecomp.calibration.run_batch``).
         output: Picks the tensor to compare from the model's output (``main_output``).
-        sensitivity_batches: Batches used to measure each layer's sensitivity.
-        rounds: Sensitivity measurements; round 1 probes every layer at its
+        sensitivity_batches: Batches used to measure each layer's sensitivity (probe).
+        rounds: Probe rounds; round 1 probes every layer at its
             ``rate``-times-smaller rank, later rounds at the ranks just allocated.
         options: Decomposition options.
         progress: Show progress bars.
@@ -175,10 +168,22 @@ def allocate_ranks(
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise RankError(f"allocate_ranks rounds={rounds!r} is not allowed; expected >= 1")
     check_variant(variant)
+    if sensitivity not in ("gradient", "probe"):
+        raise StagecompError(
+            f"allocate_ranks sensitivity={sensitivity!r} is not allowed; "
+            "expected 'gradient' or 'probe'"
+        )
     options = options or DecomposeOptions()
     pick = output or main_output
     batch_list = list(batches)
     stats = collect_statistics(model, batch_list, names, forward=forward, progress=progress)
+    gradients = (
+        collect_gradient_moments(
+            model, batch_list, names, forward=forward, output=output, progress=progress
+        )
+        if sensitivity == "gradient"
+        else {}
+    )
     layers: list[_Layer] = []
     for name in names:
         module = get_module(model, name)
@@ -192,9 +197,25 @@ def allocate_ranks(
         params = torch.tensor(
             [cls.param_count(shape, (r,), options) for r in range(1, full + 1)], dtype=torch.float64
         )
-        curve = output_error_curve(module, stats[name])[1:].square()  # ranks 1..full
+        if sensitivity == "gradient":
+            weight = (
+                module.dense_weight()
+                if isinstance(module, DecomposedLayer)
+                else cast(torch.Tensor, module.weight)
+            )
+            energy = weighted_spectrum(
+                weight.detach().reshape(shape.out_channels, -1),
+                stats[name].input_moment,
+                gradients[name],
+            ).square()
+            curve = energy.flip(0).cumsum(0).flip(0)[1:]
+            curve = torch.cat([curve, curve.new_zeros(1)])  # cost of keeping ranks 1..full
+        else:
+            curve = output_error_curve(module, stats[name])[1:].square()  # ranks 1..full
         layers.append(_Layer(name, shape.dense_params, params, curve))
     budget = sum(layer.dense for layer in layers) / rate
+    if sensitivity == "gradient":
+        return _lagrangian(layers, budget)
 
     was_training = model.training
     model.eval()
