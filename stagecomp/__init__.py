@@ -1,7 +1,9 @@
 """stagecomp: multi-stage low-rank decomposition of trained PyTorch models."""
 
 from stagecomp import registry
+from stagecomp.calibration import LayerStatistics, collect_statistics
 from stagecomp.compressor import Compressor, LayerChange, StepResult
+from stagecomp.data_aware import decompose_data_aware
 from stagecomp.decompose import decompose, empty_layer
 from stagecomp.errors import (
     CompressionFinishedError,
@@ -27,6 +29,7 @@ from stagecomp.options import DecomposeOptions
 from stagecomp.registry import METHODS
 from stagecomp.serialization import load, save
 from stagecomp.stats import ModelStats, model_stats
+from stagecomp.strategies.data_aware import DataAware, allocate_ranks
 from stagecomp.strategies.manual import Manual
 from stagecomp.strategies.reduction import Reduction
 from stagecomp.strategies.vbmf import VBMF
@@ -40,10 +43,12 @@ __all__ = [
     "CP4Conv2d",
     "CompressionFinishedError",
     "Compressor",
+    "DataAware",
     "DecomposeOptions",
     "DecomposedLayer",
     "LayerChange",
     "LayerShape",
+    "LayerStatistics",
     "Manual",
     "ModelStats",
     "NoMatchingLayerError",
@@ -62,7 +67,10 @@ __all__ = [
     "UnknownMethodError",
     "UnsupportedLayerError",
     "__version__",
+    "allocate_ranks",
+    "collect_statistics",
     "decompose",
+    "decompose_data_aware",
     "empty_layer",
     "factorize",
     "load",

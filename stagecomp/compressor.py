@@ -8,8 +8,9 @@ fine-tune between steps with any trainer.
 
 from __future__ import annotations
 
+import copy
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,19 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from stagecomp.calibration import (
+    Forward,
+    LayerStatistics,
+    OutputFn,
+    collect_gradient_moments,
+    collect_statistics,
+)
+from stagecomp.data_aware import (
+    check_variant,
+    decompose_data_aware,
+    needs_outputs,
+    supports_data_aware,
+)
 from stagecomp.errors import (
     CompressionFinishedError,
     NoMatchingLayerError,
@@ -190,6 +204,22 @@ class Compressor:
         order: ``"model"`` (module order) or ``"macs"`` (most MACs first) within a pass.
         options: Decomposition settings (seed, solver, iterations, TT modes).
         progress: Show a progress bar over the layers of a step.
+        calibration: Batches of real inputs (a list or a DataLoader). Before each step
+            the statistics of that step's layers are collected on the model as it is
+            then, so later layers see the outputs of the already compressed ones. Needed
+            by ``data_aware`` and by the ``DataAware`` strategy.
+        data_aware: Data-aware factors (``"whiten"`` or ``"output"``, see
+            ``stagecomp.data_aware.VARIANTS``) for every layer where they exist (SVD of
+            Linear and 1x1 conv, Tucker2), or a per-layer mapping by name or pattern
+            (``None`` keeps weight-only factors). ``None``: weight-only everywhere.
+        calibration_forward: ``forward(model, batch)`` when the model is not called as
+            ``model(batch)`` / ``model(*batch)`` / ``model(**batch)``.
+        correct_drift: Keep a copy of the original model and fit each data-aware layer
+            to the original layer's outputs on the original inputs, from the inputs it
+            sees now, so it also undoes drift caused by earlier compressed layers
+            (costs one copy of the model and a second forward per calibration batch).
+        calibration_output: Picks the tensor whose gradients the ``"gradient"`` variant
+            uses from the model's output (default ``stagecomp.calibration.main_output``).
     """
 
     def __init__(
@@ -208,6 +238,11 @@ class Compressor:
         order: str = "model",
         options: DecomposeOptions | None = None,
         progress: bool = True,
+        calibration: Iterable[Any] | None = None,
+        data_aware: str | Mapping[str, str | None] | None = None,
+        calibration_forward: Forward | None = None,
+        correct_drift: bool = False,
+        calibration_output: OutputFn | None = None,
     ) -> None:
         for label, value in (("layers_per_step", layers_per_step), ("stages", stages)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -234,6 +269,21 @@ class Compressor:
         self._exclude = list(exclude)
         self._conv_method = conv_method
         self._linear_method = linear_method
+        self.calibration = calibration
+        self.calibration_forward = calibration_forward
+        self.calibration_output = calibration_output
+        self._data_aware = data_aware
+        if data_aware is not None and calibration is None:
+            raise StagecompError(
+                f"data_aware={data_aware!r} needs calibration batches: "
+                "Compressor(..., calibration=batches)"
+            )
+        if correct_drift and data_aware is None:
+            raise StagecompError(
+                "correct_drift=True is allowed only with data_aware='whiten' or 'output' "
+                "(and calibration batches)"
+            )
+        self._reference = copy.deepcopy(model) if correct_drift else None
 
         candidates = decomposable_layers(model)
         names = [name for name, _ in candidates]
@@ -242,6 +292,13 @@ class Compressor:
         check_keys(self._methods, names, "methods")
         for method in self._methods.values():
             check_method(method)
+        if isinstance(data_aware, str):
+            check_variant(data_aware)
+        elif data_aware is not None:
+            check_keys(data_aware, names, "data_aware")
+            for key, variant in data_aware.items():
+                if variant is not None:
+                    check_variant(variant, key)
 
         self._stats: ModelStats | None = self._count()
         self.original_stats = self._stats
@@ -364,6 +421,7 @@ class Compressor:
         changes: list[LayerChange] = []
         replaced: dict[str, tuple[nn.Module, nn.Module]] = {}
         chunk = self._plan[self.step_index]
+        statistics = self._calibrate([target for _, target in chunk])
         bar = tqdm(
             chunk,
             desc=f"stagecomp step {step_number}/{self.total_steps}",
@@ -373,7 +431,9 @@ class Compressor:
         try:
             for stage, target in bar:
                 bar.set_postfix_str(target.name, refresh=False)
-                change, new = self._compress_layer(step_number, stage, target)
+                change, new = self._compress_layer(
+                    step_number, stage, target, statistics.get(target.name)
+                )
                 changes.append(change)
                 if new is not None:
                     replaced[target.name] = (replace_module(self.model, target.name, new), new)
@@ -402,13 +462,57 @@ class Compressor:
         self.step_index += 1
         return result
 
+    def _variant_for(self, name: str) -> str | None:
+        if isinstance(self._data_aware, Mapping):
+            return lookup(self._data_aware, name)[1]
+        return self._data_aware
+
+    def _calibrate(self, targets: Sequence[_Target]) -> dict[str, LayerStatistics]:
+        """Statistics of ``targets`` on the model as it is now (empty without calibration)."""
+        if self.calibration is None:
+            return {}
+        names = list(dict.fromkeys(t.name for t in targets))
+        outputs = [
+            t.name
+            for t in targets
+            if needs_outputs(t.method, LayerShape.from_module(get_module(self.model, t.name)))
+        ]
+        statistics = collect_statistics(
+            self.model,
+            self.calibration,
+            names,
+            outputs=outputs,
+            forward=self.calibration_forward,
+            progress=self.progress,
+            reference=self._reference,
+        )
+        weighted = [n for n in names if self._variant_for(n) == "gradient"]
+        if weighted:
+            gradients = collect_gradient_moments(
+                self.model,
+                self.calibration,
+                weighted,
+                forward=self.calibration_forward,
+                output=self.calibration_output,
+                progress=self.progress,
+            )
+            for name, moment in gradients.items():
+                statistics[name].gradient_moment = moment
+        return statistics
+
     def _compress_layer(
-        self, step: int, stage: int, target: _Target
+        self,
+        step: int,
+        stage: int,
+        target: _Target,
+        statistics: LayerStatistics | None = None,
     ) -> tuple[LayerChange, nn.Module | None]:
         module = get_module(self.model, target.name)
         shape = LayerShape.from_module(module, target.name)
         cls = layer_class(target.method, shape, target.name)
-        request = RankRequest(target.name, cls, shape, module, stage, self.stages, self.options)
+        request = RankRequest(
+            target.name, cls, shape, module, stage, self.stages, self.options, statistics
+        )
         ranks = target.strategy.choose_ranks(request)
         params_before = sum(p.numel() for p in module.parameters())
         change = LayerChange(
@@ -423,7 +527,22 @@ class Compressor:
                 f"ranks {ranks} would not reduce parameters ({new_params} >= {params_before})"
             )
             return change, None
-        if isinstance(module, cls):
+        variant = self._variant_for(target.name)
+        if (
+            variant is not None
+            and statistics is not None
+            and supports_data_aware(target.method, shape)
+        ):
+            new = decompose_data_aware(
+                module,
+                target.method,
+                ranks,
+                statistics,
+                variant=variant,
+                options=self.options,
+                name=target.name,
+            )
+        elif isinstance(module, cls):
             new = module.recompressed(ranks, name=target.name)
         else:
             new = cls.from_module(module, ranks, self.options, target.name)

@@ -78,7 +78,6 @@ class SVDConv2d(DecomposedLayer):
         ranks: tuple[int, ...],
         options: DecomposeOptions,
     ) -> SVDConv2d:
-        layer = cls(shape, ranks, options, device=weight.device, dtype=weight.dtype)
         grouped = shape.grouped_weight(weight)
         triplets = [
             truncated_svd(
@@ -89,6 +88,23 @@ class SVDConv2d(DecomposedLayer):
             )
             for g in range(shape.groups)
         ]
+        return cls.from_svd(shape, triplets, bias, options)
+
+    @classmethod
+    def from_svd(
+        cls,
+        shape: LayerShape,
+        triplets: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+        bias: torch.Tensor | None,
+        options: DecomposeOptions | None = None,
+    ) -> SVDConv2d:
+        """A layer from one ``(u, s, vh)`` per group (``vh`` over ``in_per_group * kh * kw``).
+
+        Data-aware factorisations (``stagecomp.data_aware``) use it, so their layers
+        are ordinary ``SVDConv2d`` layers that save, load and recompress as usual.
+        """
+        u = triplets[0][0]
+        layer = cls(shape, (triplets[0][1].numel(),), options, device=u.device, dtype=u.dtype)
         layer._assign(triplets, bias)
         return layer
 

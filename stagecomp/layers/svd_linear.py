@@ -61,8 +61,25 @@ class SVDLinear(DecomposedLayer):
         ranks: tuple[int, ...],
         options: DecomposeOptions,
     ) -> SVDLinear:
-        layer = cls(shape, ranks, options, device=weight.device, dtype=weight.dtype)
         u, s, vh = truncated_svd(weight, ranks[0], solver=options.svd_solver, seed=options.seed)
+        return cls.from_svd(shape, u, s, vh, bias, options)
+
+    @classmethod
+    def from_svd(
+        cls,
+        shape: LayerShape,
+        u: torch.Tensor,
+        s: torch.Tensor,
+        vh: torch.Tensor,
+        bias: torch.Tensor | None,
+        options: DecomposeOptions | None = None,
+    ) -> SVDLinear:
+        """A layer computing ``u diag(s) vh x + bias``, from factors computed elsewhere.
+
+        Data-aware factorisations (``stagecomp.data_aware``) use it, so their layers
+        are ordinary ``SVDLinear`` layers that save, load and recompress as usual.
+        """
+        layer = cls(shape, (s.numel(),), options, device=u.device, dtype=u.dtype)
         layer._assign(u, s, vh, bias)
         return layer
 

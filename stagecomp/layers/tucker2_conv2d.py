@@ -105,12 +105,29 @@ class Tucker2Conv2d(DecomposedLayer):
         options: DecomposeOptions,
     ) -> Tucker2Conv2d:
         r_out, r_in = ranks
-        layer = cls(shape, ranks, options, device=weight.device, dtype=weight.dtype)
         grouped = shape.grouped_weight(weight)
         factors = [
             tucker2(grouped[g], (r_out, r_in), hooi_iters=options.hooi_iters)
             for g in range(shape.groups)
         ]
+        return cls.from_factors(shape, factors, bias, options)
+
+    @classmethod
+    def from_factors(
+        cls,
+        shape: LayerShape,
+        factors: Sequence[_Factors],
+        bias: torch.Tensor | None,
+        options: DecomposeOptions | None = None,
+    ) -> Tucker2Conv2d:
+        """A layer from one ``(core, u_out, u_in)`` per group, computed elsewhere.
+
+        Data-aware factorisations (``stagecomp.data_aware``) use it, so their layers
+        are ordinary ``Tucker2Conv2d`` layers that save, load and recompress as usual.
+        """
+        core = factors[0][0]
+        ranks = (core.shape[0], core.shape[1])
+        layer = cls(shape, ranks, options, device=core.device, dtype=core.dtype)
         layer._load_factors(factors, bias)
         return layer
 

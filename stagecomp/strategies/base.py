@@ -7,6 +7,7 @@ from typing import Protocol
 
 from torch import nn
 
+from stagecomp.calibration import LayerStatistics
 from stagecomp.layer_shape import LayerShape
 from stagecomp.layers.base import DecomposedLayer
 from stagecomp.options import DecomposeOptions
@@ -24,6 +25,8 @@ class RankRequest:
         stage: 0-based index of the global pass.
         stages: Number of global passes planned.
         options: Decomposition options for this layer.
+        statistics: The layer's calibration statistics, when the Compressor has
+            calibration data (data-aware strategies need them).
     """
 
     name: str
@@ -33,6 +36,7 @@ class RankRequest:
     stage: int
     stages: int
     options: DecomposeOptions
+    statistics: LayerStatistics | None = None
 
 
 class RankStrategy(Protocol):

