@@ -14,6 +14,8 @@ from stagecomp.errors import (
     UnsupportedLayerError,
 )
 from stagecomp.factorize import factorize
+from stagecomp.fold import fold_batchnorm
+from stagecomp.latency_aware import LatencyAware
 from stagecomp.layer_shape import LayerShape
 from stagecomp.layers.base import DecomposedLayer, Rank
 from stagecomp.layers.cp3_conv2d import CP3Conv2d
@@ -42,6 +44,7 @@ __all__ = [
     "Compressor",
     "DecomposeOptions",
     "DecomposedLayer",
+    "LatencyAware",
     "LayerChange",
     "LayerShape",
     "Manual",
@@ -65,6 +68,7 @@ __all__ = [
     "decompose",
     "empty_layer",
     "factorize",
+    "fold_batchnorm",
     "load",
     "model_stats",
     "registry",

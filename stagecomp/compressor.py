@@ -24,6 +24,7 @@ from stagecomp.errors import (
     StagecompError,
     UnsupportedLayerError,
 )
+from stagecomp.latency_aware import LatencyAware, LatencyChooser, layer_input_shapes
 from stagecomp.layer_shape import LayerShape
 from stagecomp.layers.base import DecomposedLayer, Rank
 from stagecomp.matching import check_keys, lookup, select
@@ -124,6 +125,8 @@ class LayerChange:
     macs_after: int | None = None
     weight_error: float | None = None
     skipped: str | None = None
+    latency_before: float | None = None
+    latency_after: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = dict(self.__dict__)
@@ -190,6 +193,9 @@ class Compressor:
         order: ``"model"`` (module order) or ``"macs"`` (most MACs first) within a pass.
         options: Decomposition settings (seed, solver, iterations, TT modes).
         progress: Show a progress bar over the layers of a step.
+        latency_aware: Time each layer and its candidate decompositions at the layer's
+            real input shape and keep the fastest (or the layer as it is); needs
+            ``example_input``. See ``stagecomp.LatencyAware``.
     """
 
     def __init__(
@@ -208,6 +214,7 @@ class Compressor:
         order: str = "model",
         options: DecomposeOptions | None = None,
         progress: bool = True,
+        latency_aware: LatencyAware | None = None,
     ) -> None:
         for label, value in (("layers_per_step", layers_per_step), ("stages", stages)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -261,6 +268,16 @@ class Compressor:
                 "no layer of the model can be compressed: "
                 + ("; ".join(f"{n}: {r}" for n, r in self.skipped.items()) or "it has none")
             )
+        self.latency_aware = latency_aware
+        self._latency: LatencyChooser | None = None
+        if latency_aware is not None:
+            if example_input is None:
+                raise StagecompError(
+                    "latency_aware needs example_input: each layer is timed at the shape "
+                    "of the input it really receives"
+                )
+            shapes = layer_input_shapes(model, example_input, [t.name for t in self.targets])
+            self._latency = LatencyChooser(latency_aware, shapes)
         if order == "macs":
             if self._stats is None:
                 raise StagecompError("order='macs' needs example_input to count MACs")
@@ -407,13 +424,28 @@ class Compressor:
     ) -> tuple[LayerChange, nn.Module | None]:
         module = get_module(self.model, target.name)
         shape = LayerShape.from_module(module, target.name)
-        cls = layer_class(target.method, shape, target.name)
-        request = RankRequest(target.name, cls, shape, module, stage, self.stages, self.options)
-        ranks = target.strategy.choose_ranks(request)
         params_before = sum(p.numel() for p in module.parameters())
-        change = LayerChange(
-            step, stage, target.name, target.method, ranks, params_before, params_before
-        )
+        if self._latency is not None:
+            pinned = lookup(self._methods, target.name)[1]
+            choice = self._latency.choose(
+                target.name, module, target.strategy, stage, self.stages, self.options, pinned
+            )
+            method = choice.method or target.method
+            change = LayerChange(
+                step, stage, target.name, method, choice.ranks, params_before, params_before
+            )
+            change.latency_before, change.latency_after = choice.current_s, choice.chosen_s
+            if choice.method is None or choice.ranks is None:
+                change.skipped = choice.reason
+                return change, None
+            cls, ranks = layer_class(method, shape, target.name), choice.ranks
+        else:
+            cls = layer_class(target.method, shape, target.name)
+            request = RankRequest(target.name, cls, shape, module, stage, self.stages, self.options)
+            ranks = target.strategy.choose_ranks(request)
+            change = LayerChange(
+                step, stage, target.name, target.method, ranks, params_before, params_before
+            )
         if isinstance(module, cls) and module.ranks == ranks:
             change.skipped = f"already at ranks {ranks}"
             return change, None
