@@ -25,6 +25,7 @@ from stagecomp.layers.svd_linear import SVDLinear
 from stagecomp.layers.tt_conv2d import TTConv2d
 from stagecomp.layers.tt_linear import TTLinear
 from stagecomp.layers.tucker2_conv2d import Tucker2Conv2d
+from stagecomp.memory_format import to_channels_last
 from stagecomp.options import DecomposeOptions
 from stagecomp.registry import METHODS
 from stagecomp.serialization import load, save
@@ -73,4 +74,5 @@ __all__ = [
     "model_stats",
     "registry",
     "save",
+    "to_channels_last",
 ]

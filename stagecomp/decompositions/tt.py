@@ -303,8 +303,11 @@ def tt_matrix_apply(cores: Sequence[torch.Tensor], x: torch.Tensor) -> torch.Ten
             # Many thin products are slow: one large GEMM on transposed copies is faster.
             flat = u.reshape(batch * left, i * r1, cols).transpose(1, 2).reshape(-1, i * r1)
             state = (flat @ a[0].T).view(batch * left, cols, r0 * o).transpose(1, 2).contiguous()
-        elif groups == 1 and torch.is_grad_enabled() and a.requires_grad:
+        elif groups == 1 and (
+            (torch.is_grad_enabled() and a.requires_grad) or torch.jit.is_tracing()
+        ):
             # matmul folds the batch into one GEMM, so the core's gradient is one product.
+            # A trace takes this branch too: its check re-traces under another grad mode.
             state = torch.matmul(a[0], u.reshape(batch * left, i * r1, cols))
         elif groups == 1:
             # Without autograd, a bmm on the broadcast core avoids matmul's transposed copies.
