@@ -24,7 +24,7 @@ from stagecomp.errors import (
     StagecompError,
     UnsupportedLayerError,
 )
-from stagecomp.latency_aware import LatencyAware, LatencyChooser, layer_input_shapes
+from stagecomp.latency_aware import LatencyAware, LatencyChooser, layer_inputs
 from stagecomp.layer_shape import LayerShape
 from stagecomp.layers.base import DecomposedLayer, Rank
 from stagecomp.matching import check_keys, lookup, select
@@ -276,8 +276,8 @@ class Compressor:
                     "latency_aware needs example_input: each layer is timed at the shape "
                     "of the input it really receives"
                 )
-            shapes = layer_input_shapes(model, example_input, [t.name for t in self.targets])
-            self._latency = LatencyChooser(latency_aware, shapes)
+            inputs = layer_inputs(model, example_input, [t.name for t in self.targets])
+            self._latency = LatencyChooser(latency_aware, inputs)
         if order == "macs":
             if self._stats is None:
                 raise StagecompError("order='macs' needs example_input to count MACs")

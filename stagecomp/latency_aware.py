@@ -18,7 +18,7 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -26,6 +26,7 @@ from torch import nn
 from stagecomp.decompose import empty_layer
 from stagecomp.errors import StagecompError, UnsupportedLayerError
 from stagecomp.layer_shape import LayerShape
+from stagecomp.memory_format import to_channels_last
 from stagecomp.options import DecomposeOptions
 from stagecomp.registry import check_method, layer_class, methods_for
 from stagecomp.strategies.base import RankRequest, RankStrategy
@@ -49,6 +50,7 @@ class Candidate:
         shape: Geometry of the layer being replaced.
         input_shape: Shape of the tensor the layer receives, batch included.
         params: Parameters of the candidate.
+        channels_last: The layer receives (and is timed on) channels-last input and weights.
     """
 
     name: str
@@ -57,6 +59,7 @@ class Candidate:
     shape: LayerShape
     input_shape: tuple[int, ...]
     params: int
+    channels_last: bool = False
 
 
 Timer = Callable[[Candidate], float]
@@ -162,22 +165,37 @@ def round_up_ranks(
     return None if rounded == tuple(ranks) else rounded
 
 
-def layer_input_shapes(
+class LayerInput(NamedTuple):
+    """The first input a layer receives: its shape and whether it is channels-last."""
+
+    shape: tuple[int, ...]
+    channels_last: bool
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    return (
+        x.dim() == 4
+        and not x.is_contiguous()
+        and x.is_contiguous(memory_format=torch.channels_last)
+    )
+
+
+def layer_inputs(
     model: nn.Module, example_input: Any, names: Sequence[str]
-) -> dict[str, tuple[int, ...]]:
-    """The shape of the first tensor each named layer receives on ``example_input``.
+) -> dict[str, LayerInput]:
+    """The shape and layout of the first tensor each named layer receives on ``example_input``.
 
     Runs one forward pass in eval mode without gradients; the model's modes are restored.
     Layers the example input does not reach are missing from the result.
     """
     wanted = set(names)
-    shapes: dict[str, tuple[int, ...]] = {}
+    shapes: dict[str, LayerInput] = {}
     handles = []
 
     def hook_for(name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
             if name not in shapes and args and isinstance(args[0], torch.Tensor):
-                shapes[name] = tuple(args[0].shape)
+                shapes[name] = LayerInput(tuple(args[0].shape), _is_channels_last(args[0]))
 
         return hook
 
@@ -205,9 +223,9 @@ class LatencyChooser:
     a ResNet or a VGG are timed once.
     """
 
-    def __init__(self, config: LatencyAware, input_shapes: dict[str, tuple[int, ...]]) -> None:
+    def __init__(self, config: LatencyAware, inputs: dict[str, LayerInput]) -> None:
         self.config = config
-        self.input_shapes = input_shapes
+        self.inputs = inputs
         self._cache: dict[tuple[Any, ...], float] = {}
 
     def choose(
@@ -222,21 +240,21 @@ class LatencyChooser:
     ) -> LatencyChoice:
         """The fastest of the layer as it is and each candidate decomposition."""
         shape = LayerShape.from_module(module, name)
-        if name not in self.input_shapes:
+        if name not in self.inputs:
             raise StagecompError(
                 f"layer {name!r} received no input when the example input ran through the "
                 "model, so its latency cannot be measured; give an example_input that reaches "
                 "it, or exclude it"
             )
-        input_shape = self.input_shapes[name]
+        input_shape, channels_last = self.inputs[name]
         if self.config.batch_size is not None:
             input_shape = (self.config.batch_size, *input_shape[1:])
         current_params = sum(p.numel() for p in module.parameters())
-        current = Candidate(name, CURRENT, None, shape, input_shape, current_params)
+        current = Candidate(name, CURRENT, None, shape, input_shape, current_params, channels_last)
         current_s = self._time(current, module, options)
         timings: list[tuple[Candidate, float]] = [(current, current_s)]
         for candidate in self._candidates(
-            name, module, shape, strategy, stage, stages, options, pinned, input_shape
+            name, module, shape, strategy, stage, stages, options, pinned, current
         ):
             timings.append((candidate, self._time(candidate, module, options)))
         best: tuple[Candidate, float] | None = None
@@ -277,7 +295,7 @@ class LatencyChooser:
         stages: int,
         options: DecomposeOptions,
         pinned: str | None,
-        input_shape: tuple[int, ...],
+        current: Candidate,
     ) -> list[Candidate]:
         if pinned is not None:
             methods: Sequence[str] = (pinned,)
@@ -308,7 +326,17 @@ class LatencyChooser:
                 params = cls.param_count(shape, variant, options)
                 if params >= current_params and not isinstance(strategy, Manual):
                     continue
-                found.append(Candidate(name, method, variant, shape, input_shape, params))
+                found.append(
+                    Candidate(
+                        name,
+                        method,
+                        variant,
+                        shape,
+                        current.input_shape,
+                        params,
+                        current.channels_last,
+                    )
+                )
         return found
 
     def _time(self, candidate: Candidate, module: nn.Module, options: DecomposeOptions) -> float:
@@ -321,6 +349,7 @@ class LatencyChooser:
         key = (
             candidate.shape,
             candidate.input_shape,
+            candidate.channels_last,
             candidate.method,
             candidate.ranks,
             structure,
@@ -343,6 +372,10 @@ class LatencyChooser:
                 dtype=dtype,
             )
         x = torch.randn(candidate.input_shape, device=device, dtype=dtype)
+        if candidate.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+            if not current:
+                to_channels_last(layer)
         modes = {m: m.training for m in layer.modules()}
         layer.eval()
         try:
@@ -373,7 +406,8 @@ __all__ = [
     "LatencyAware",
     "LatencyChoice",
     "LatencyChooser",
+    "LayerInput",
     "Timer",
-    "layer_input_shapes",
+    "layer_inputs",
     "round_up_ranks",
 ]

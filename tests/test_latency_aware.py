@@ -11,7 +11,8 @@ from stagecomp.latency_aware import (
     CURRENT,
     Candidate,
     LatencyAware,
-    layer_input_shapes,
+    LayerInput,
+    layer_inputs,
     round_up_ranks,
 )
 
@@ -123,9 +124,17 @@ def test_measured_choice_records_real_times() -> None:
     assert sum(c.skipped is None for c in result.changes) == 3
 
 
-def test_input_shapes_are_recorded_per_layer() -> None:
-    shapes = layer_input_shapes(Net(), torch.randn(2, 3, 16, 16), ["conv1", "conv2", "fc"])
-    assert shapes == {"conv1": (2, 3, 16, 16), "conv2": (2, 32, 16, 16), "fc": (2, 64)}
+def test_input_shapes_and_layouts_are_recorded_per_layer() -> None:
+    x = torch.randn(2, 3, 16, 16)
+    inputs = layer_inputs(Net(), x, ["conv1", "conv2", "fc"])
+    assert inputs == {
+        "conv1": LayerInput((2, 3, 16, 16), False),
+        "conv2": LayerInput((2, 32, 16, 16), False),
+        "fc": LayerInput((2, 64), False),
+    }
+    model = sc.to_channels_last(Net())
+    inputs = layer_inputs(model, x.to(memory_format=torch.channels_last), ["conv2"])
+    assert inputs["conv2"] == LayerInput((2, 32, 16, 16), True)
 
 
 def test_round_up_ranks() -> None:
