@@ -82,6 +82,9 @@ def test_choice_follows_the_injected_table_and_repeats() -> None:
     # fc: only svd applies to Linear among the candidates; 5.0 < 2.0 is false -> dense.
     assert changes["fc"].skipped is not None
     assert isinstance(first.model.fc, nn.Linear)
+    report = first.report()
+    assert "latency 1e+04 -> 4e+03 ms" in report  # conv2, the table is in seconds
+    assert "no candidate is 1.05x faster" in report
 
 
 def test_min_speedup_margin_keeps_the_layer() -> None:
