@@ -99,3 +99,28 @@ def test_untraceable_model_raises() -> None:
 
     with pytest.raises(sc.StagecompError, match=r"torch\.fx"):
         sc.fold_batchnorm(Dynamic())
+
+
+def test_compressed_resnet_fold_is_exact() -> None:
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None, num_classes=10).eval()
+    _random_bn_stats(model, seed=1)
+    x = torch.randn(1, 3, 32, 32)
+    sc.Compressor(
+        model,
+        sc.Reduction(2.0),
+        layers_per_step=100,
+        exclude=["fc"],
+        options=sc.DecomposeOptions(hooi_iters=0),
+        progress=False,
+    ).compression_step()
+    with torch.no_grad():
+        before = model(x)
+    folded = dict(sc.fold_batchnorm(model))
+    with torch.no_grad():
+        after = model(x)
+    assert isinstance(model.layer1[0].conv1, sc.Tucker2Conv2d)
+    assert folded["layer1.0.conv1"] == "layer1.0.bn1"
+    assert isinstance(model.layer4[1].conv2, sc.Tucker2Conv2d)
+    assert len(folded) == 20
+    assert _rel(after, before) < 1e-5
