@@ -138,7 +138,7 @@ class LatencyChoice:
     Attributes:
         method: The chosen method, or ``None`` to leave the layer as it is.
         ranks: The chosen ranks (``None`` with ``method``).
-        current_s: Seconds of the layer as it is now.
+        current_s: Seconds of the layer as it is now (``None`` when it was not timed).
         chosen_s: Seconds of the chosen candidate (``current_s`` when kept).
         reason: Why the layer is kept (``None`` when a candidate was chosen).
         timings: Every candidate timed, as ``(candidate, seconds)``, in trial order.
@@ -146,8 +146,8 @@ class LatencyChoice:
 
     method: str | None
     ranks: tuple[int, ...] | None
-    current_s: float
-    chosen_s: float
+    current_s: float | None
+    chosen_s: float | None
     reason: str | None
     timings: tuple[tuple[Candidate, float], ...]
 
@@ -241,11 +241,11 @@ class LatencyChooser:
         """The fastest of the layer as it is and each candidate decomposition."""
         shape = LayerShape.from_module(module, name)
         if name not in self.inputs:
-            raise StagecompError(
-                f"layer {name!r} received no input when the example input ran through the "
-                "model, so its latency cannot be measured; give an example_input that reaches "
-                "it, or exclude it"
+            reason = (
+                "the example input never reaches this layer, so its latency cannot be "
+                "measured; give an example_input that reaches it, or exclude it"
             )
+            return LatencyChoice(None, None, None, None, reason, ())
         input_shape, channels_last = self.inputs[name]
         if self.config.batch_size is not None:
             input_shape = (self.config.batch_size, *input_shape[1:])

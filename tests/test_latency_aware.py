@@ -153,3 +153,24 @@ def test_settings_are_checked() -> None:
     with pytest.raises(sc.StagecompError, match="example_input"):
         sc.Compressor(Net(), "reduction", latency_aware=LatencyAware())
     assert LatencyAware(timer=_table).to_dict()["timer"] == "injected"
+
+
+def test_layer_the_input_never_reaches_is_left_alone() -> None:
+    class Unused(Net):
+        def __init__(self) -> None:
+            super().__init__()
+            self.spare = nn.Conv2d(32, 32, 3)
+
+    model = Unused().eval()
+    compressor = sc.Compressor(
+        model,
+        "reduction",
+        torch.randn(1, 3, 8, 8),
+        layers_per_step=4,
+        latency_aware=LatencyAware(timer=_table),
+        progress=False,
+    )
+    changes = {c.name: c for c in compressor.compression_step().changes}
+    assert changes["spare"].skipped is not None and "never reaches" in changes["spare"].skipped
+    assert isinstance(model.spare, nn.Conv2d)
+    assert changes["spare"].latency_before is None
