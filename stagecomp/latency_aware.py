@@ -77,8 +77,10 @@ class LatencyAware:
             tile size); rounding up never loses accuracy against the strategy's ranks, and
             is kept only when it is faster and still has fewer parameters. ``None`` skips it.
         min_speedup: A candidate replaces the layer only when it is at least this many
-            times faster; a margin above 1 keeps timing noise from swapping in layers that
-            are not really faster.
+            times faster. The default 1.0 takes any measured gain, so the result is never
+            slower than the plain pass (whose choice is among the candidates when its
+            method is); a margin such as 1.05 keeps more layers as they are, trading the
+            parameters they would save for robustness to timing noise.
         batch_size: Time at this batch size instead of the example input's.
         warmup: Untimed forward passes before each measurement.
         repeats: Timed passes per measurement (the median is kept).
@@ -87,7 +89,7 @@ class LatencyAware:
 
     methods: tuple[str, ...] | None = None
     round_to: int | None = 8
-    min_speedup: float = 1.05
+    min_speedup: float = 1.0
     batch_size: int | None = None
     warmup: int = 2
     repeats: int = 7
@@ -276,11 +278,13 @@ class LatencyChooser:
             return LatencyChoice(
                 candidate.method, candidate.ranks, current_s, seconds, None, frozen
             )
+        speedup = self.config.min_speedup
+        margin = "" if speedup == 1 else f"{speedup:g}x "
         tried = ", ".join(
             f"{c.method} {_ranks_text(c.ranks)} {s * 1e3:.3g} ms" for c, s in timings[1:]
         )
         reason = (
-            f"no candidate is {self.config.min_speedup:g}x faster than the layer as it is "
+            f"no candidate is {margin}faster than the layer as it is "
             f"({current_s * 1e3:.3g} ms): {tried or 'none saves parameters'}"
         )
         return LatencyChoice(None, None, current_s, current_s, reason, frozen)
