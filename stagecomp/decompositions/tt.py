@@ -294,7 +294,7 @@ def tt_matrix_apply(cores: Sequence[torch.Tensor], x: torch.Tensor) -> torch.Ten
     left = rows
     for core in reversed(cores):
         _, r0, o, i, r1 = core.shape
-        left //= i
+        left = left // i  # not in place: under ONNX tracing sizes are tensors
         a = core.reshape(groups, r0 * o, i * r1)
         u = state.reshape(batch, groups, left, i * r1, cols)
         if groups == 1 and cols == 1:
@@ -314,7 +314,7 @@ def tt_matrix_apply(cores: Sequence[torch.Tensor], x: torch.Tensor) -> torch.Ten
             state = torch.bmm(a[0].expand(batch * left, -1, -1), u.reshape(-1, i * r1, cols))
         else:
             state = torch.matmul(a.unsqueeze(1), u)
-        cols *= o
+        cols = cols * o
     return state.reshape(batch, groups, -1, x.shape[-1])
 
 
