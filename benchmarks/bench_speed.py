@@ -37,7 +37,13 @@ import torchvision
 from torch import nn
 
 import stagecomp as sc
-from stagecomp.latency_aware import CURRENT, Candidate, LatencyChooser, layer_inputs
+from stagecomp.latency_aware import (
+    CURRENT,
+    Candidate,
+    LatencyChooser,
+    fastest_run,
+    layer_inputs,
+)
 from stagecomp.registry import layer_class
 from stagecomp.stats import layer_macs, model_stats
 from stagecomp.strategies.base import RankRequest
@@ -75,7 +81,7 @@ class StructureTimer:
                 sc.to_channels_last(layer)
                 x = x.contiguous(memory_format=torch.channels_last)
             layer.eval()
-            self.cache[key] = forward_latency(layer, x, warmup=self.warmup, repeats=self.repeats)
+            self.cache[key] = fastest_run(layer, x, self.warmup, self.repeats)
         return self.cache[key]
 
 
@@ -229,7 +235,7 @@ def main() -> None:
     parser.add_argument(
         "--aware-batch", type=int, default=1, help="batch size the latency-aware pass times at"
     )
-    parser.add_argument("--aware-repeats", type=int, default=3)
+    parser.add_argument("--aware-repeats", type=int, default=5)
     parser.add_argument(
         "--no-aware-match",
         action="store_true",
