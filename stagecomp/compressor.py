@@ -424,28 +424,17 @@ class Compressor:
     ) -> tuple[LayerChange, nn.Module | None]:
         module = get_module(self.model, target.name)
         shape = LayerShape.from_module(module, target.name)
+        cls = layer_class(target.method, shape, target.name)
+        request = RankRequest(target.name, cls, shape, module, stage, self.stages, self.options)
+        ranks = target.strategy.choose_ranks(request)
         params_before = sum(p.numel() for p in module.parameters())
+        change = LayerChange(
+            step, stage, target.name, target.method, ranks, params_before, params_before
+        )
         if self._latency is not None:
-            pinned = lookup(self._methods, target.name)[1]
-            choice = self._latency.choose(
-                target.name, module, target.strategy, stage, self.stages, self.options, pinned
-            )
-            method = choice.method or target.method
-            change = LayerChange(
-                step, stage, target.name, method, choice.ranks, params_before, params_before
-            )
-            change.latency_before, change.latency_after = choice.current_s, choice.chosen_s
-            if choice.method is None or choice.ranks is None:
-                change.skipped = choice.reason
+            if not self._choose_by_latency(change, target, module):
                 return change, None
-            cls, ranks = layer_class(method, shape, target.name), choice.ranks
-        else:
-            cls = layer_class(target.method, shape, target.name)
-            request = RankRequest(target.name, cls, shape, module, stage, self.stages, self.options)
-            ranks = target.strategy.choose_ranks(request)
-            change = LayerChange(
-                step, stage, target.name, target.method, ranks, params_before, params_before
-            )
+            cls, ranks = layer_class(change.method, shape, target.name), change.ranks or ranks
         if isinstance(module, cls) and module.ranks == ranks:
             change.skipped = f"already at ranks {ranks}"
             return change, None
@@ -462,6 +451,21 @@ class Compressor:
         change.params_after = sum(p.numel() for p in new.parameters())
         change.weight_error = _weight_error(module, new)
         return change, new
+
+    def _choose_by_latency(self, change: LayerChange, target: _Target, module: nn.Module) -> bool:
+        """Put the measured choice in ``change``; False when the layer stays as it is."""
+        assert self._latency is not None
+        pinned = lookup(self._methods, target.name)[1]
+        choice = self._latency.choose(
+            target.name, module, target.strategy, change.stage, self.stages, self.options, pinned
+        )
+        change.latency_before, change.latency_after = choice.current_s, choice.chosen_s
+        if choice.method is None or choice.ranks is None:
+            change.ranks = None
+            change.skipped = choice.reason
+            return False
+        change.method, change.ranks = choice.method, choice.ranks
+        return True
 
     # ------------------------------------------------------------------ reporting
     def report(self) -> str:
