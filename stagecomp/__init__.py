@@ -16,6 +16,8 @@ from stagecomp.errors import (
     UnsupportedLayerError,
 )
 from stagecomp.factorize import factorize
+from stagecomp.fold import fold_batchnorm
+from stagecomp.latency_aware import LatencyAware
 from stagecomp.layer_shape import LayerShape
 from stagecomp.layers.base import DecomposedLayer, Rank
 from stagecomp.layers.cp3_conv2d import CP3Conv2d
@@ -25,6 +27,7 @@ from stagecomp.layers.svd_linear import SVDLinear
 from stagecomp.layers.tt_conv2d import TTConv2d
 from stagecomp.layers.tt_linear import TTLinear
 from stagecomp.layers.tucker2_conv2d import Tucker2Conv2d
+from stagecomp.memory_format import to_channels_last
 from stagecomp.options import DecomposeOptions
 from stagecomp.registry import METHODS
 from stagecomp.serialization import load, save
@@ -46,6 +49,7 @@ __all__ = [
     "DataAware",
     "DecomposeOptions",
     "DecomposedLayer",
+    "LatencyAware",
     "LayerChange",
     "LayerShape",
     "LayerStatistics",
@@ -73,8 +77,10 @@ __all__ = [
     "decompose_data_aware",
     "empty_layer",
     "factorize",
+    "fold_batchnorm",
     "load",
     "model_stats",
     "registry",
     "save",
+    "to_channels_last",
 ]

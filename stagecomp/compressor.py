@@ -38,6 +38,7 @@ from stagecomp.errors import (
     StagecompError,
     UnsupportedLayerError,
 )
+from stagecomp.latency_aware import LatencyAware, LatencyChooser, layer_inputs
 from stagecomp.layer_shape import LayerShape
 from stagecomp.layers.base import DecomposedLayer, Rank
 from stagecomp.matching import check_keys, lookup, select
@@ -138,6 +139,8 @@ class LayerChange:
     macs_after: int | None = None
     weight_error: float | None = None
     skipped: str | None = None
+    latency_before: float | None = None
+    latency_after: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = dict(self.__dict__)
@@ -220,6 +223,9 @@ class Compressor:
             (costs one copy of the model and a second forward per calibration batch).
         calibration_output: Picks the tensor whose gradients the ``"gradient"`` variant
             uses from the model's output (default ``stagecomp.calibration.main_output``).
+        latency_aware: Time each layer and its candidate decompositions at the layer's
+            real input shape and keep the fastest (or the layer as it is); needs
+            ``example_input``. See ``stagecomp.LatencyAware``.
     """
 
     def __init__(
@@ -243,6 +249,7 @@ class Compressor:
         calibration_forward: Forward | None = None,
         correct_drift: bool = False,
         calibration_output: OutputFn | None = None,
+        latency_aware: LatencyAware | None = None,
     ) -> None:
         for label, value in (("layers_per_step", layers_per_step), ("stages", stages)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -318,6 +325,16 @@ class Compressor:
                 "no layer of the model can be compressed: "
                 + ("; ".join(f"{n}: {r}" for n, r in self.skipped.items()) or "it has none")
             )
+        self.latency_aware = latency_aware
+        self._latency: LatencyChooser | None = None
+        if latency_aware is not None:
+            if example_input is None:
+                raise StagecompError(
+                    "latency_aware needs example_input: each layer is timed at the shape "
+                    "of the input it really receives"
+                )
+            inputs = layer_inputs(model, example_input, [t.name for t in self.targets])
+            self._latency = LatencyChooser(latency_aware, inputs)
         if order == "macs":
             if self._stats is None:
                 raise StagecompError("order='macs' needs example_input to count MACs")
@@ -518,6 +535,10 @@ class Compressor:
         change = LayerChange(
             step, stage, target.name, target.method, ranks, params_before, params_before
         )
+        if self._latency is not None:
+            if not self._choose_by_latency(change, target, module, statistics):
+                return change, None
+            cls, ranks = layer_class(change.method, shape, target.name), change.ranks or ranks
         if isinstance(module, cls) and module.ranks == ranks:
             change.skipped = f"already at ranks {ranks}"
             return change, None
@@ -531,11 +552,11 @@ class Compressor:
         if (
             variant is not None
             and statistics is not None
-            and supports_data_aware(target.method, shape)
+            and supports_data_aware(change.method, shape)
         ):
             new = decompose_data_aware(
                 module,
-                target.method,
+                change.method,
                 ranks,
                 statistics,
                 variant=variant,
@@ -549,6 +570,34 @@ class Compressor:
         change.params_after = sum(p.numel() for p in new.parameters())
         change.weight_error = _weight_error(module, new)
         return change, new
+
+    def _choose_by_latency(
+        self,
+        change: LayerChange,
+        target: _Target,
+        module: nn.Module,
+        statistics: LayerStatistics | None,
+    ) -> bool:
+        """Put the measured choice in ``change``; False when the layer stays as it is."""
+        assert self._latency is not None
+        pinned = lookup(self._methods, target.name)[1]
+        choice = self._latency.choose(
+            target.name,
+            module,
+            target.strategy,
+            change.stage,
+            self.stages,
+            self.options,
+            pinned,
+            statistics,
+        )
+        change.latency_before, change.latency_after = choice.current_s, choice.chosen_s
+        if choice.method is None or choice.ranks is None:
+            change.ranks = None
+            change.skipped = choice.reason
+            return False
+        change.method, change.ranks = choice.method, choice.ranks
+        return True
 
     # ------------------------------------------------------------------ reporting
     def report(self) -> str:

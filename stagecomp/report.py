@@ -55,6 +55,10 @@ def format_report(compressor: Compressor) -> str:
             )
             if ch.skipped:
                 row += f"  (unchanged: {ch.skipped})"
+            elif ch.latency_before is not None and ch.latency_after is not None:
+                row += (
+                    f"  (latency {ch.latency_before * 1e3:.3g} -> {ch.latency_after * 1e3:.3g} ms)"
+                )
             lines.append(row)
         base_macs = original.macs if original else None
         lines.append(

@@ -294,7 +294,7 @@ def tt_matrix_apply(cores: Sequence[torch.Tensor], x: torch.Tensor) -> torch.Ten
     left = rows
     for core in reversed(cores):
         _, r0, o, i, r1 = core.shape
-        left //= i
+        left = left // i  # not in place: under ONNX tracing sizes are tensors
         a = core.reshape(groups, r0 * o, i * r1)
         u = state.reshape(batch, groups, left, i * r1, cols)
         if groups == 1 and cols == 1:
@@ -303,15 +303,18 @@ def tt_matrix_apply(cores: Sequence[torch.Tensor], x: torch.Tensor) -> torch.Ten
             # Many thin products are slow: one large GEMM on transposed copies is faster.
             flat = u.reshape(batch * left, i * r1, cols).transpose(1, 2).reshape(-1, i * r1)
             state = (flat @ a[0].T).view(batch * left, cols, r0 * o).transpose(1, 2).contiguous()
-        elif groups == 1 and torch.is_grad_enabled() and a.requires_grad:
+        elif groups == 1 and (
+            (torch.is_grad_enabled() and a.requires_grad) or torch.jit.is_tracing()
+        ):
             # matmul folds the batch into one GEMM, so the core's gradient is one product.
+            # A trace takes this branch too: its check re-traces under another grad mode.
             state = torch.matmul(a[0], u.reshape(batch * left, i * r1, cols))
         elif groups == 1:
             # Without autograd, a bmm on the broadcast core avoids matmul's transposed copies.
             state = torch.bmm(a[0].expand(batch * left, -1, -1), u.reshape(-1, i * r1, cols))
         else:
             state = torch.matmul(a.unsqueeze(1), u)
-        cols *= o
+        cols = cols * o
     return state.reshape(batch, groups, -1, x.shape[-1])
 
 

@@ -234,7 +234,7 @@ class TTConv2d(TTLayer):
             shape.stride,
             strict=True,
         ):
-            pixels *= max((size + pad - dil * (k - 1) - 1) // stride + 1, 0)
+            pixels = pixels * max((size + pad - dil * (k - 1) - 1) // stride + 1, 0)
         sweep, dense, assembly = self._costs
         positions = x.shape[0] * pixels
         return assembly + positions * dense < positions * sweep
