@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from stagecomp.distributed import shared_step, use_distributed
 from stagecomp.errors import (
     CompressionFinishedError,
     NoMatchingLayerError,
@@ -190,6 +191,11 @@ class Compressor:
         order: ``"model"`` (module order) or ``"macs"`` (most MACs first) within a pass.
         options: Decomposition settings (seed, solver, iterations, TT modes).
         progress: Show a progress bar over the layers of a step.
+        distributed: Share each step's layers among the ranks of the initialised
+            ``torch.distributed`` process group and broadcast the results, so every
+            rank ends with the same model (see the DDP how-to). ``None`` (default):
+            when a group with more than one rank is initialised; ``False``: every
+            rank decomposes every layer itself.
     """
 
     def __init__(
@@ -208,6 +214,7 @@ class Compressor:
         order: str = "model",
         options: DecomposeOptions | None = None,
         progress: bool = True,
+        distributed: bool | None = None,
     ) -> None:
         for label, value in (("layers_per_step", layers_per_step), ("stages", stages)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -229,6 +236,8 @@ class Compressor:
         self.order = order
         self.options = options or DecomposeOptions()
         self.progress = progress
+        self.distributed = distributed
+        use_distributed(distributed)  # fail early when True has no process group
         self._ranks = dict(ranks or {})
         self._methods = dict(methods or {})
         self._exclude = list(exclude)
@@ -364,10 +373,21 @@ class Compressor:
         changes: list[LayerChange] = []
         replaced: dict[str, tuple[nn.Module, nn.Module]] = {}
         chunk = self._plan[self.step_index]
+        shared = use_distributed(self.distributed)
+        if shared:  # the ranks share the layers; the loop below then has nothing to do
+            changes, replaced = shared_step(
+                self.model,
+                chunk,
+                lambda stage, target: self._compress_layer(step_number, stage, target),
+                options=self.options,
+                step=step_number,
+                desc=f"stagecomp step {step_number}/{self.total_steps}",
+                progress=self.progress,
+            )
         bar = tqdm(
-            chunk,
+            [] if shared else chunk,
             desc=f"stagecomp step {step_number}/{self.total_steps}",
-            disable=not self.progress,
+            disable=shared or not self.progress,
             leave=False,
         )
         try:
