@@ -1,11 +1,11 @@
 """Compression under torch.distributed: 2 gloo ranks on CPU share steps and stay identical.
 
 The spawned run does what a DDP user does: two compression steps of the
-digits CNN with a short DDP fine-tune between them, and an interruption with
-resume before the second step. Every rank must hold bit-identical parameters
-after every step, and the result must equal a single process that runs the
-same steps and emulates DDP's gradient averaging.
-"""
+digits CNN, each followed by a short fine-tune in a freshly wrapped DDP with a
+new optimizer, then a resume from the files saved after the first fine-tune.
+Every rank must hold bit-identical parameters after every step, and the result
+must equal a single process that runs the same steps and emulates DDP's
+gradient averaging."""
 
 from __future__ import annotations
 
@@ -150,11 +150,25 @@ def _worker(rank: int, port: int, out: str) -> None:
         _finetune_ddp(ddp, data, rank)
         assert_same_parameters(model)
         results["finetuned_state"] = _state(model)
-
-        # Interruption: rank 0 saves, every rank rebuilds from the files and resumes.
         saved = Path(out) / "resume.pt"
-        if rank == 0:
+        if rank == 0:  # what an interrupted run left behind
             torch.save({"compressor": compressor.state_dict(), "model": model.state_dict()}, saved)
+
+        # Step 2 on the same model: unwrap, compress, re-wrap, new optimizer.
+        del ddp
+        decomposed_here.clear()
+        compressor.compression_step()
+        assert_same_parameters(model)
+        results["step2_local"] = list(decomposed_here)
+        results["step2_state"] = _state(model)
+        ddp = DDP(model)
+        _finetune_ddp(ddp, data, rank)
+        assert_same_parameters(model)
+        results["final_state"] = _state(model)
+        results["done"] = compressor.done
+        del ddp
+
+        # Resume: every rank rebuilds from rank 0's files and runs step 2 again.
         dist.barrier()
         model = _model()
         compressor = _compressor(model)
@@ -165,15 +179,10 @@ def _worker(rank: int, port: int, out: str) -> None:
         results["resumed_equal"] = all(
             torch.equal(v, results["finetuned_state"][k]) for k, v in model.state_dict().items()
         )
-
-        decomposed_here.clear()
-        compress = compressor._compress_layer
-        compressor._compress_layer = counting  # type: ignore[method-assign]
         compressor.compression_step()
+        _finetune_ddp(DDP(model), data, rank)
         assert_same_parameters(model)
-        results["step2_local"] = list(decomposed_here)
-        results["final_state"] = _state(model)
-        results["done"] = compressor.done
+        results["resumed_final_state"] = _state(model)
         torch.save(results, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -230,9 +239,12 @@ def test_layers_are_shared_between_ranks(ranks: list[dict[str, Any]]) -> None:
 
 
 def test_ranks_hold_identical_parameters_after_every_step(ranks: list[dict[str, Any]]) -> None:
-    for key in ("step1_state", "finetuned_state", "final_state"):
+    for key in ("step1_state", "finetuned_state", "step2_state", "final_state"):
         _assert_equal_states(ranks[0][key], ranks[1][key])
     assert [r["resumed_equal"] for r in ranks] == [True, True]
+    # The resumed run ends exactly where the uninterrupted one did.
+    _assert_equal_states(ranks[0]["resumed_final_state"], ranks[0]["final_state"])
+    _assert_equal_states(ranks[1]["resumed_final_state"], ranks[0]["final_state"])
     assert [r["done"] for r in ranks] == [True, True]
 
 
@@ -247,6 +259,8 @@ def test_result_equals_a_single_process_run(ranks: list[dict[str, Any]]) -> None
     _finetune_single(model, data)
     _assert_equal_states(_state(model), ranks[0]["finetuned_state"])
     compressor.compression_step()
+    _assert_equal_states(_state(model), ranks[0]["step2_state"])
+    _finetune_single(model, data)
     _assert_equal_states(_state(model), ranks[0]["final_state"])
     assert sum(isinstance(m, sc.DecomposedLayer) for m in model.modules()) == 4
 
