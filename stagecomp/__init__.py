@@ -5,6 +5,7 @@ from stagecomp.compressor import Compressor, LayerChange, StepResult
 from stagecomp.decompose import decompose, empty_layer
 from stagecomp.errors import (
     CompressionFinishedError,
+    DistributedError,
     NoMatchingLayerError,
     NonFiniteWeightError,
     RankError,
@@ -42,6 +43,7 @@ __all__ = [
     "Compressor",
     "DecomposeOptions",
     "DecomposedLayer",
+    "DistributedError",
     "LayerChange",
     "LayerShape",
     "Manual",

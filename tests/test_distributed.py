@@ -9,6 +9,7 @@ gradient averaging."""
 
 from __future__ import annotations
 
+import copy
 import socket
 import time
 from datetime import timedelta
@@ -28,6 +29,7 @@ from stagecomp.digits import DigitsCNN, DigitsData, load_digits_data
 from stagecomp.distributed import (
     assert_same_parameters,
     assign_layers,
+    broadcast_module_,
     layer_cost,
     parameters_digest,
     use_distributed,
@@ -70,13 +72,14 @@ def _train_mode(model: nn.Module) -> None:
             module.eval()
 
 
-def _finetune_ddp(ddp: DDP, data: DigitsData, rank: int) -> None:
-    optimizer = _optimizer(ddp.parameters())
-    _train_mode(ddp.module)
+def _finetune_ddp(wrapped: nn.Module, data: DigitsData, rank: int) -> None:
+    """Fine-tune a DDP or FSDP model on this rank's half of every global batch."""
+    optimizer = _optimizer(wrapped.parameters())
+    _train_mode(wrapped)
     for idx in _batches(data):
         local = idx[rank::WORLD]
         optimizer.zero_grad()
-        F.cross_entropy(ddp(data.train_x[local]), data.train_y[local]).backward()
+        F.cross_entropy(wrapped(data.train_x[local]), data.train_y[local]).backward()
         optimizer.step()
 
 
@@ -100,6 +103,46 @@ def _finetune_single(model: nn.Module, data: DigitsData) -> None:
 
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _fsdp_run(rank: int, data: DigitsData) -> dict[str, Any]:
+    """The FSDP2 how-to: gather the full weights, compress a plain copy, re-shard."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    full_state = StateDictOptions(full_state_dict=True)
+    plain = _model()
+    compressor = _compressor(plain)
+
+    def shard() -> nn.Module:
+        model = copy.deepcopy(plain)
+        for name in ("conv2", "conv3", "fc1"):
+            fully_shard(model.get_submodule(name))
+        fully_shard(model)
+        return model
+
+    sharded = shard()
+    fc1_weight: Any = sharded.get_submodule("fc1").weight  # a DTensor shard
+    local_rows = fc1_weight.to_local().shape[0]
+    resharded_equal = []
+    while not compressor.done:
+        _finetune_ddp(sharded, data, rank)
+        plain.load_state_dict(get_model_state_dict(sharded, options=full_state))
+        broadcast_module_(plain)  # BatchNorm buffers are per rank under FSDP
+        del sharded
+        compressor.compression_step()
+        assert_same_parameters(plain)
+        sharded = shard()
+        regathered: dict[str, Any] = get_model_state_dict(sharded, options=full_state)
+        resharded_equal.append(
+            all(torch.equal(v, regathered[k]) for k, v in plain.state_dict().items())
+        )
+    return {
+        "fsdp_local_rows": local_rows,
+        "fsdp_resharded_equal": resharded_equal,
+        "fsdp_decomposed": sum(isinstance(m, sc.DecomposedLayer) for m in plain.modules()),
+        "fsdp_state": _state(plain),
+    }
 
 
 def _worker(rank: int, port: int, out: str) -> None:
@@ -183,6 +226,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         _finetune_ddp(DDP(model), data, rank)
         assert_same_parameters(model)
         results["resumed_final_state"] = _state(model)
+        results.update(_fsdp_run(rank, data))
         torch.save(results, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -298,3 +342,10 @@ def test_digest_sees_one_ulp() -> None:
         model.fc2.bias[0] = torch.nextafter(model.fc2.bias[0], torch.tensor(1.0))
     after = parameters_digest(model)
     assert [k for k in before if before[k] != after[k]] == ["fc2.bias"]
+
+
+def test_fsdp_gather_compress_reshard_keeps_ranks_identical(ranks: list[dict[str, Any]]) -> None:
+    assert [r["fsdp_local_rows"] for r in ranks] == [64, 64]  # fc1's 128 rows, sharded
+    assert [r["fsdp_resharded_equal"] for r in ranks] == [[True, True], [True, True]]
+    assert [r["fsdp_decomposed"] for r in ranks] == [4, 4]
+    _assert_equal_states(ranks[0]["fsdp_state"], ranks[1]["fsdp_state"])
