@@ -200,7 +200,7 @@ def shared_step(
     owner_of_first = assign_layers(costs, world)
     owners = [owner_of_first[first[name]] for name in names]
 
-    local: dict[int, tuple[dict[str, Any], dict[str, Any] | None]] = {}
+    local: dict[int, tuple[dict[str, Any], dict[str, Any] | None, list[str]]] = {}
     replaced_here: list[tuple[str, nn.Module, nn.Module]] = []
     error: tuple[str, str] | None = None
     local_error: Exception | None = None
@@ -219,11 +219,11 @@ def shared_step(
                 replaced_here.clear()
                 local_error = exc
                 break
-            entry = None
+            entry, signature = None, []
             if new is not None:
                 replaced_here.append((target.name, replace_module(model, target.name, new), new))
-                entry = layer_entry(new)  # type: ignore[arg-type]
-            local[index] = (change.to_dict(), entry)
+                entry, signature = layer_entry(new), _signature(new)  # type: ignore[arg-type]
+            local[index] = (change.to_dict(), entry, signature)
     finally:
         bar.close()
 
@@ -253,7 +253,7 @@ def shared_step(
         )
 
     # Owners' results, in plan order.
-    results: list[tuple[dict[str, Any], dict[str, Any] | None]] = [
+    results: list[tuple[dict[str, Any], dict[str, Any] | None, list[str]]] = [
         gathered[owners[i]]["local"][i] for i in range(len(chunk))
     ]
     # The last entry of each layer is what the model holds after the step.
@@ -261,10 +261,16 @@ def shared_step(
     built: list[tuple[str, nn.Module]] = []
     try:
         for name, index in final_index.items():
-            entry = results[index][1]
+            _, entry, signature = results[index]
             if entry is None or owners[index] == rank:
                 continue
             built += _build_from_entry(model, name, entry, options)
+            if _signature(get_module(model, name)) != signature:
+                raise DistributedError(
+                    f"layer {name!r} built from its recipe has tensors "
+                    f"{_signature(get_module(model, name))}, but rank {owners[index]} "
+                    f"computed {signature}; expected the same names, shapes and dtypes"
+                )
         build_error = None
     except StagecompError as exc:
         undo_recipe(model, built)
@@ -296,9 +302,14 @@ def shared_step(
     for name, index in final_index.items():
         if results[index][1] is not None:
             replaced[name] = (originals[name], get_module(model, name))
-    changes = [LayerChange.from_dict(change) for change, _ in results]
+    changes = [LayerChange.from_dict(change) for change, _, _ in results]
     logger.debug("step %d: rank %d decomposed %d of %d layers", step, rank, len(mine), len(chunk))
     return changes, replaced
+
+
+def _signature(module: nn.Module) -> list[str]:
+    """Name, shape and dtype of every tensor a layer's broadcast sends, in order."""
+    return [f"{k}:{tuple(v.shape)}:{v.dtype}" for k, v in module.state_dict().items()]
 
 
 def _build_from_entry(

@@ -145,7 +145,7 @@ def _fsdp_run(rank: int, data: DigitsData) -> dict[str, Any]:
     }
 
 
-def _worker(rank: int, port: int, out: str) -> None:
+def _worker(rank: int, port: int, out: str, data: DigitsData) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo",
@@ -156,7 +156,6 @@ def _worker(rank: int, port: int, out: str) -> None:
     )
     try:
         results: dict[str, Any] = {}
-        data = load_digits_data(0)
         model = _model()
         compressor = _compressor(model)
         decomposed_here: list[str] = []
@@ -181,6 +180,14 @@ def _worker(rank: int, port: int, out: str) -> None:
         results["unchanged_after_failure"] = parameters_digest(model) == before
         results["step_index_after_failure"] = compressor.step_index
         decomposed_here.clear()
+
+        # Ranks that disagree on the step (other Compressor arguments) refuse it.
+        other = sc.Compressor(model, "reduction", layers_per_step=1 + rank, progress=False)
+        try:
+            other.compression_step()
+        except sc.StagecompError as error:
+            results["disagreement"] = (type(error).__name__, str(error))
+        results["unchanged_after_disagreement"] = parameters_digest(model) == before
 
         compressor._compress_layer = counting  # type: ignore[method-assign]
         step1 = compressor.compression_step()
@@ -238,9 +245,13 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _spawn(out: Path) -> list[dict[str, Any]]:
+def _spawn(out: Path, data: DigitsData) -> list[dict[str, Any]]:
     context = mp.start_processes(
-        _worker, args=(_free_port(), str(out)), nprocs=WORLD, join=False, start_method="spawn"
+        _worker,
+        args=(_free_port(), str(out), data),  # passed in: the ranks need not import sklearn
+        nprocs=WORLD,
+        join=False,
+        start_method="spawn",
     )
     deadline = time.monotonic() + SPAWN_TIMEOUT_S
     while not context.join(timeout=1.0):
@@ -259,7 +270,7 @@ def _assert_equal_states(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    return _spawn(tmp_path_factory.mktemp("distributed"))
+    return _spawn(tmp_path_factory.mktemp("distributed"), load_digits_data(0))
 
 
 def test_failure_on_one_rank_raises_everywhere_and_rolls_back(
@@ -272,6 +283,16 @@ def test_failure_on_one_rank_raises_everywhere_and_rolls_back(
     assert (kind1, message1) == ("RuntimeError", "injected failure at conv2")
     assert [r["unchanged_after_failure"] for r in ranks] == [True, True]
     assert [r["step_index_after_failure"] for r in ranks] == [0, 0]
+
+
+def test_ranks_that_disagree_on_the_step_refuse_it(ranks: list[dict[str, Any]]) -> None:
+    for result in ranks:
+        kind, message = result["disagreement"]
+        assert kind == "DistributedError"
+        assert "disagree on step 1" in message
+        assert "rank 0: step 1 ['conv2']" in message
+        assert "rank 1: step 1 ['conv2', 'conv3']" in message
+    assert [r["unchanged_after_disagreement"] for r in ranks] == [True, True]
 
 
 def test_layers_are_shared_between_ranks(ranks: list[dict[str, Any]]) -> None:
