@@ -191,6 +191,15 @@ def shared_step(
 
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     names = [target.name for _, target in chunk]
+    # Agree on the step before any work: a rank with other arguments would mix models.
+    plans: list[Any] = [None] * world
+    dist.all_gather_object(plans, (step, names), group=group)
+    if any(plan != (step, names) for plan in plans):
+        raise DistributedError(
+            f"the ranks disagree on step {step}: "
+            + "; ".join(f"rank {r}: step {s} {n}" for r, (s, n) in enumerate(plans))
+            + " (expected the same Compressor arguments, model and progress on every rank)"
+        )
     # One layer may appear twice in a step (two stages in one step): keep it on one rank.
     first = {name: names.index(name) for name in names}
     costs = [0.0] * len(chunk)
@@ -228,24 +237,15 @@ def shared_step(
         bar.close()
 
     # Every rank reports, even a failed one, so no rank waits forever for another.
-    report = {"step": step, "names": names, "error": error, "local": local}
+    report = {"error": error, "local": local}
     gathered: list[Any] = [None] * world
     dist.all_gather_object(gathered, report, group=group)
     failures = [(r, g["error"]) for r, g in enumerate(gathered) if g["error"] is not None]
-    plans = {(g["step"], tuple(g["names"])) for g in gathered}
-    if failures or len(plans) > 1:
+    if failures:
         for name, old, _ in reversed(replaced_here):
             replace_module(model, name, old)
         if local_error is not None:
             raise local_error
-        if len(plans) > 1:
-            raise DistributedError(
-                f"the ranks disagree on step {step}: "
-                + "; ".join(
-                    f"rank {r}: step {g['step']} {g['names']}" for r, g in enumerate(gathered)
-                )
-                + " (expected the same Compressor arguments, model and progress on every rank)"
-            )
         failed_rank, (layer, message) = failures[0]
         raise DistributedError(
             f"step {step} failed on rank {failed_rank} at layer {layer!r}: {message}; "
@@ -256,8 +256,8 @@ def shared_step(
     results: list[tuple[dict[str, Any], dict[str, Any] | None, list[str]]] = [
         gathered[owners[i]]["local"][i] for i in range(len(chunk))
     ]
-    # The last entry of each layer is what the model holds after the step.
-    final_index = {name: i for i, name in enumerate(names)}
+    # The last new module of each layer is what the model holds after the step.
+    final_index = {name: i for i, name in enumerate(names) if results[i][1] is not None}
     built: list[tuple[str, nn.Module]] = []
     try:
         for name, index in final_index.items():
@@ -289,8 +289,6 @@ def shared_step(
         )
 
     for name, index in final_index.items():
-        if results[index][1] is None:
-            continue
         tensors = list(get_module(model, name).state_dict().values())
         _broadcast_tensors(tensors, owners[index], group)
 
@@ -299,9 +297,8 @@ def shared_step(
     originals = {name: old for name, old in built}
     for name, old, _ in replaced_here:
         originals.setdefault(name, old)
-    for name, index in final_index.items():
-        if results[index][1] is not None:
-            replaced[name] = (originals[name], get_module(model, name))
+    for name in final_index:
+        replaced[name] = (originals[name], get_module(model, name))
     changes = [LayerChange.from_dict(change) for change, _, _ in results]
     logger.debug("step %d: rank %d decomposed %d of %d layers", step, rank, len(mine), len(chunk))
     return changes, replaced

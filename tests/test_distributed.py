@@ -53,6 +53,10 @@ def _compressor(model: nn.Module) -> sc.Compressor:
     return sc.Compressor(model, "reduction", layers_per_step=2, progress=False)
 
 
+def _two_stages_in_one_step(model: nn.Module) -> sc.Compressor:
+    return sc.Compressor(model, "reduction", layers_per_step=8, stages=2, progress=False)
+
+
 def _batches(data: DigitsData) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(1)
     order = torch.randperm(len(data.train_y), generator=generator)
@@ -234,6 +238,13 @@ def _worker(rank: int, port: int, out: str, data: DigitsData) -> None:
         assert_same_parameters(model)
         results["resumed_final_state"] = _state(model)
         results.update(_fsdp_run(rank, data))
+
+        # Both stages in one step: each layer twice, on the same rank, in plan order.
+        model = _model()
+        twice = _two_stages_in_one_step(model)
+        results["two_stages_changes"] = [c.to_dict() for c in twice.compression_step().changes]
+        assert_same_parameters(model)
+        results["two_stages_state"] = _state(model)
         torch.save(results, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -290,7 +301,7 @@ def test_ranks_that_disagree_on_the_step_refuse_it(ranks: list[dict[str, Any]]) 
         kind, message = result["disagreement"]
         assert kind == "DistributedError"
         assert "disagree on step 1" in message
-        assert "rank 0: step 1 ['conv2']" in message
+        assert "rank 0: step 1 ['conv2']" in message  # checked before any work
         assert "rank 1: step 1 ['conv2', 'conv3']" in message
     assert [r["unchanged_after_disagreement"] for r in ranks] == [True, True]
 
@@ -370,3 +381,14 @@ def test_fsdp_gather_compress_reshard_keeps_ranks_identical(ranks: list[dict[str
     assert [r["fsdp_resharded_equal"] for r in ranks] == [[True, True], [True, True]]
     assert [r["fsdp_decomposed"] for r in ranks] == [4, 4]
     _assert_equal_states(ranks[0]["fsdp_state"], ranks[1]["fsdp_state"])
+
+
+def test_a_layer_twice_in_one_step_equals_a_single_process(ranks: list[dict[str, Any]]) -> None:
+    model = _model()
+    changes = [c.to_dict() for c in _two_stages_in_one_step(model).compression_step().changes]
+    assert [c["name"] for c in changes] == ["conv2", "conv3", "fc1", "fc2"] * 2
+    assert all(c["skipped"] is None for c in changes)
+    assert [c["stage"] for c in changes] == [0] * 4 + [1] * 4
+    for result in ranks:
+        assert result["two_stages_changes"] == changes
+        _assert_equal_states(result["two_stages_state"], _state(model))
