@@ -7,6 +7,7 @@ from stagecomp.data_aware import decompose_data_aware
 from stagecomp.decompose import decompose, empty_layer
 from stagecomp.errors import (
     CompressionFinishedError,
+    DistributedError,
     NoMatchingLayerError,
     NonFiniteWeightError,
     RankError,
@@ -49,6 +50,7 @@ __all__ = [
     "DataAware",
     "DecomposeOptions",
     "DecomposedLayer",
+    "DistributedError",
     "LatencyAware",
     "LayerChange",
     "LayerShape",

@@ -31,6 +31,7 @@ from stagecomp.data_aware import (
     needs_outputs,
     supports_data_aware,
 )
+from stagecomp.distributed import shared_step, use_distributed
 from stagecomp.errors import (
     CompressionFinishedError,
     NoMatchingLayerError,
@@ -226,6 +227,11 @@ class Compressor:
         latency_aware: Time each layer and its candidate decompositions at the layer's
             real input shape and keep the fastest (or the layer as it is); needs
             ``example_input``. See ``stagecomp.LatencyAware``.
+        distributed: Share each step's layers among the ranks of the initialised
+            ``torch.distributed`` process group and broadcast the results, so every
+            rank ends with the same model (see the DDP how-to). ``None`` (default):
+            when a group with more than one rank is initialised; ``False``: every
+            rank decomposes every layer itself.
     """
 
     def __init__(
@@ -250,6 +256,7 @@ class Compressor:
         correct_drift: bool = False,
         calibration_output: OutputFn | None = None,
         latency_aware: LatencyAware | None = None,
+        distributed: bool | None = None,
     ) -> None:
         for label, value in (("layers_per_step", layers_per_step), ("stages", stages)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -271,6 +278,8 @@ class Compressor:
         self.order = order
         self.options = options or DecomposeOptions()
         self.progress = progress
+        self.distributed = distributed
+        use_distributed(distributed)  # fail early when True has no process group
         self._ranks = dict(ranks or {})
         self._methods = dict(methods or {})
         self._exclude = list(exclude)
@@ -438,11 +447,26 @@ class Compressor:
         changes: list[LayerChange] = []
         replaced: dict[str, tuple[nn.Module, nn.Module]] = {}
         chunk = self._plan[self.step_index]
+        # Every rank calibrates the whole step on the same (unchanged) model, so the
+        # statistics, and the factors computed from them, agree across ranks.
         statistics = self._calibrate([target for _, target in chunk])
+        shared = use_distributed(self.distributed)
+        if shared:  # the ranks share the layers; the loop below then has nothing to do
+            changes, replaced = shared_step(
+                self.model,
+                chunk,
+                lambda stage, target: self._compress_layer(
+                    step_number, stage, target, statistics.get(target.name)
+                ),
+                options=self.options,
+                step=step_number,
+                desc=f"stagecomp step {step_number}/{self.total_steps}",
+                progress=self.progress,
+            )
         bar = tqdm(
-            chunk,
+            [] if shared else chunk,
             desc=f"stagecomp step {step_number}/{self.total_steps}",
-            disable=not self.progress,
+            disable=shared or not self.progress,
             leave=False,
         )
         try:

@@ -38,3 +38,7 @@ class CompressionFinishedError(StagecompError, RuntimeError):
 
 class RecipeError(StagecompError, ValueError):
     """A saved recipe or weights file does not fit the model, or is damaged."""
+
+
+class DistributedError(StagecompError, RuntimeError):
+    """Another rank failed a shared step, or the ranks do not hold the same model."""
