@@ -57,6 +57,18 @@ def _two_stages_in_one_step(model: nn.Module) -> sc.Compressor:
     return sc.Compressor(model, "reduction", layers_per_step=8, stages=2, progress=False)
 
 
+def _data_aware(model: nn.Module, data: DigitsData) -> sc.Compressor:
+    calibration = [data.train_x[i : i + 128] for i in range(0, 512, 128)]
+    return sc.Compressor(
+        model,
+        "reduction",
+        layers_per_step=2,
+        calibration=calibration,
+        data_aware="whiten",
+        progress=False,
+    )
+
+
 def _batches(data: DigitsData) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(1)
     order = torch.randperm(len(data.train_y), generator=generator)
@@ -165,14 +177,14 @@ def _worker(rank: int, port: int, out: str, data: DigitsData) -> None:
         decomposed_here: list[str] = []
         compress = compressor._compress_layer
 
-        def counting(step: int, stage: int, target: Any) -> Any:
+        def counting(step: int, stage: int, target: Any, *rest: Any) -> Any:
             decomposed_here.append(target.name)
-            return compress(step, stage, target)
+            return compress(step, stage, target, *rest)
 
-        def failing(step: int, stage: int, target: Any) -> Any:
+        def failing(step: int, stage: int, target: Any, *rest: Any) -> Any:
             if rank == 1:
                 raise RuntimeError(f"injected failure at {target.name}")
-            return counting(step, stage, target)
+            return counting(step, stage, target, *rest)
 
         # A failure on one rank: every rank raises and keeps the model as it was.
         before = parameters_digest(model)
@@ -245,6 +257,14 @@ def _worker(rank: int, port: int, out: str, data: DigitsData) -> None:
         results["two_stages_changes"] = [c.to_dict() for c in twice.compression_step().changes]
         assert_same_parameters(model)
         results["two_stages_state"] = _state(model)
+
+        # Data-aware factors: every rank calibrates, then the layers are shared.
+        model = _model()
+        aware = _data_aware(model, data)
+        while not aware.done:
+            aware.compression_step()
+            assert_same_parameters(model)
+        results["data_aware_state"] = _state(model)
         torch.save(results, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -392,3 +412,19 @@ def test_a_layer_twice_in_one_step_equals_a_single_process(ranks: list[dict[str,
     for result in ranks:
         assert result["two_stages_changes"] == changes
         _assert_equal_states(result["two_stages_state"], _state(model))
+
+
+def test_data_aware_steps_agree_across_ranks_and_with_one_process(
+    ranks: list[dict[str, Any]],
+) -> None:
+    _assert_equal_states(ranks[0]["data_aware_state"], ranks[1]["data_aware_state"])
+    model = _model()
+    aware = _data_aware(model, load_digits_data(0))
+    while not aware.done:
+        aware.compression_step()
+    single = _state(model)
+    assert single.keys() == ranks[0]["data_aware_state"].keys()
+    for key, value in single.items():
+        # Calibration sums in float64 on each rank; one process may use more threads.
+        torch.testing.assert_close(ranks[0]["data_aware_state"][key], value, rtol=1e-5, atol=1e-6)
+    assert sum(isinstance(m, sc.DecomposedLayer) for m in model.modules()) == 4
