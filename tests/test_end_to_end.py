@@ -29,7 +29,10 @@ def test_two_stages_halve_macs_within_one_point(trained: tuple) -> None:
     )
     while not c.done:
         result = c.compression_step()
-        train(model, data, epochs=2, lr=1e-3, seed=result.step)
+        # A gentle fine-tune. At 2 epochs of lr 1e-3 the result hung on one CPU's rounding:
+        # it passed on CI and lost 1.8 points on another machine; at 3 epochs of 5e-4 four
+        # training seeds ended within 0.2 points of the original there.
+        train(model, data, epochs=3, lr=5e-4, seed=result.step)
     before = sc.model_stats(original, x).macs
     after = sc.model_stats(model, x).macs
     assert before / after >= 2.0, (before, after)
