@@ -23,6 +23,7 @@ from stagecomp.layer_shape import LayerShape
 from stagecomp.layers.base import DecomposedLayer, Rank
 from stagecomp.layers.cp3_conv2d import CP3Conv2d
 from stagecomp.layers.cp4_conv2d import CP4Conv2d
+from stagecomp.layers.interpolative import InterpolativeLayer
 from stagecomp.layers.svd_conv2d import SVDConv2d
 from stagecomp.layers.svd_linear import SVDLinear
 from stagecomp.layers.tt_conv2d import TTConv2d
@@ -51,6 +52,7 @@ __all__ = [
     "DecomposeOptions",
     "DecomposedLayer",
     "DistributedError",
+    "InterpolativeLayer",
     "LatencyAware",
     "LayerChange",
     "LayerShape",

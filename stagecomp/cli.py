@@ -610,12 +610,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compress.add_argument(
         "--conv-method",
-        choices=("tucker2", "cp3", "cp4", "tt", "svd"),
+        choices=("tucker2", "cp3", "cp4", "tt", "svd", "svd_id"),
         default="tucker2",
         help="method for kxk convolutions (1x1 convolutions use svd)",
     )
     compress.add_argument(
-        "--linear-method", choices=("svd", "tt"), default="svd", help="method for Linear layers"
+        "--linear-method",
+        choices=("svd", "svd_id", "tt"),
+        default="svd",
+        help="method for Linear layers",
     )
     compress.add_argument(
         "--stages", type=int, default=1, metavar="N", help="global compression passes"

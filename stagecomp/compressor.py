@@ -65,6 +65,7 @@ _STRATEGIES: dict[str, Callable[[], RankStrategy]] = {
     "manual": Manual,
 }
 _ORDERS = ("model", "macs")
+_LINEAR_METHODS = ("svd", "svd_id", "tt")
 _STATE_FORMAT = 1
 
 
@@ -200,9 +201,10 @@ class Compressor:
         ranks: Per-layer overrides by name or pattern: an int or tuple (manual ranks),
             a strategy object, or ``None`` to exclude the layer.
         exclude: Names or patterns of layers never to touch.
-        methods: Per-layer method by name or pattern ("svd", "tucker2", "cp3", "cp4", "tt").
+        methods: Per-layer method by name or pattern ("svd", "svd_id", "tucker2", "cp3",
+            "cp4", "tt").
         conv_method: Method for kxk convolutions (1x1 convolutions use SVD).
-        linear_method: Method for Linear layers ("svd" or "tt").
+        linear_method: Method for Linear layers ("svd", "svd_id" or "tt").
         layers_per_step: Layers decomposed by each ``compression_step()``.
         stages: Global passes; a later pass compresses already-decomposed layers again.
         order: ``"model"`` (module order) or ``"macs"`` (most MACs first) within a pass.
@@ -264,9 +266,10 @@ class Compressor:
         if order not in _ORDERS:
             raise StagecompError(f"order={order!r} is not allowed; expected one of {_ORDERS}")
         check_method(conv_method)
-        if linear_method not in ("svd", "tt"):
+        if linear_method not in _LINEAR_METHODS:
             raise StagecompError(
-                f"linear_method={linear_method!r} is not allowed; expected 'svd' or 'tt'"
+                f"linear_method={linear_method!r} is not allowed; expected one of "
+                f"{_LINEAR_METHODS}"
             )
         if isinstance(exclude, str):
             exclude = [exclude]

@@ -9,6 +9,7 @@ from stagecomp.layer_shape import LayerShape
 from stagecomp.layers.base import DecomposedLayer, describe
 from stagecomp.layers.cp3_conv2d import CP3Conv2d
 from stagecomp.layers.cp4_conv2d import CP4Conv2d
+from stagecomp.layers.interpolative import InterpolativeLayer
 from stagecomp.layers.svd_conv2d import SVDConv2d
 from stagecomp.layers.svd_linear import SVDLinear
 from stagecomp.layers.tt_conv2d import TTConv2d
@@ -18,6 +19,7 @@ from stagecomp.layers.tucker2_conv2d import Tucker2Conv2d
 LAYER_CLASSES: tuple[type[DecomposedLayer], ...] = (
     SVDLinear,
     SVDConv2d,
+    InterpolativeLayer,
     Tucker2Conv2d,
     CP3Conv2d,
     CP4Conv2d,

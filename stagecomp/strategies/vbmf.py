@@ -106,7 +106,7 @@ def _spectral_matrices(request: RankRequest) -> list[list[torch.Tensor]]:
         if not isinstance(weight, torch.Tensor):
             raise RankError(f"layer {request.name!r} has no weight tensor")
         grouped = shape.grouped_weight(weight.detach().double())
-        if method == "svd":
+        if method in ("svd", "svd_id"):
             return [[g.reshape(shape.out_per_group, -1) for g in grouped]]
         outs = [g.reshape(shape.out_per_group, -1) for g in grouped]
         ins = [g.transpose(0, 1).reshape(shape.in_per_group, -1) for g in grouped]

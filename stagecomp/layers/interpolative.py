@@ -1,0 +1,224 @@
+"""SVD in interpolative form: the same rank-r layer as ``svd`` with ``r^2`` fewer parameters.
+
+``W_r = P [I; B] C`` (see ``stagecomp.decompositions.interpolative``): a Linear
+(or kxk conv) ``in -> r`` computes ``r`` of the outputs exactly as they are, a
+second Linear (1x1 conv) mixes the other ``out - r`` outputs from those ``r``,
+and a fixed permutation puts the outputs back in order. Per group it stores
+``r (in * kh * kw + out - r)`` numbers where the SVD form stores
+``r (in * kh * kw + out)``, so a parameter budget buys a higher rank: the gain
+is largest at mild compression, where ``r`` is a large part of ``out``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from stagecomp.decompositions.interpolative import grouped_interpolative
+from stagecomp.decompositions.svd import svd_recompress, truncated_svd
+from stagecomp.layer_shape import LayerShape
+from stagecomp.layers.base import DecomposedLayer, Rank
+from stagecomp.layers.init import dense_weight_variance, init_bias_
+from stagecomp.options import DecomposeOptions
+
+Triplet = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+class InterpolativeLayer(DecomposedLayer):
+    """A Linear or Conv2d as its truncated SVD in interpolative form (method ``"svd_id"``).
+
+    Attributes:
+        first: ``in -> r`` per group (a Linear, or a Conv2d with the layer's
+            geometry): the kept output rows ``C``.
+        second: ``r -> out - r`` per group (Linear or 1x1 Conv2d, no bias): the
+            mixing matrix ``B``; None at ``r == out``.
+        bias: The layer's bias, added after the outputs are put in order.
+        order: Buffer; output channel ``c`` is entry ``order[c]`` of
+            ``cat([first(x), second(first(x))])``.
+    """
+
+    method = "svd_id"
+    kinds = ("linear", "conv2d")
+    order: torch.Tensor
+
+    def __init__(
+        self,
+        shape: LayerShape,
+        ranks: Sequence[int],
+        options: DecomposeOptions | None = None,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(shape, ranks, options)
+        (rank,) = self.ranks
+        groups, extra = shape.groups, shape.out_per_group - rank
+        self.first: nn.Linear | nn.Conv2d
+        self.second: nn.Linear | nn.Conv2d | None = None
+        if shape.kind == "linear":
+            self.first = nn.Linear(shape.in_channels, rank, bias=False, device=device, dtype=dtype)
+            if extra:
+                self.second = nn.Linear(rank, extra, bias=False, device=device, dtype=dtype)
+        else:
+            self.first = nn.Conv2d(
+                shape.in_channels,
+                groups * rank,
+                shape.kernel_size,
+                groups=groups,
+                bias=False,
+                device=device,
+                dtype=dtype,
+                **shape.conv_kwargs(),
+            )
+            if extra:
+                self.second = nn.Conv2d(
+                    groups * rank,
+                    groups * extra,
+                    1,
+                    groups=groups,
+                    bias=False,
+                    device=device,
+                    dtype=dtype,
+                )
+        self.bias = (
+            nn.Parameter(torch.empty(shape.out_channels, device=device, dtype=dtype))
+            if shape.bias
+            else None
+        )
+        self.register_buffer(
+            "order", torch.arange(shape.out_channels, device=device, dtype=torch.long)
+        )
+        fan_in = shape.in_per_group * shape.kernel_numel
+        with torch.no_grad():
+            # Kept rows at the dense init's variance; mixed rows (r of them summed) too.
+            self.first.weight.normal_(0.0, math.sqrt(dense_weight_variance(fan_in)))
+            if self.second is not None:
+                self.second.weight.normal_(0.0, math.sqrt(1.0 / rank))
+        init_bias_(self.bias, fan_in)
+
+    @classmethod
+    def full_rank(cls, shape: LayerShape, options: DecomposeOptions) -> tuple[int, ...]:
+        return (min(shape.out_per_group, shape.in_per_group * shape.kernel_numel),)
+
+    @classmethod
+    def param_count(cls, shape: LayerShape, ranks: Sequence[int], options: DecomposeOptions) -> int:
+        (rank,) = ranks
+        per_group = rank * (shape.in_per_group * shape.kernel_numel + shape.out_per_group - rank)
+        return shape.groups * per_group + (shape.out_channels if shape.bias else 0)
+
+    @classmethod
+    def from_weights(
+        cls,
+        shape: LayerShape,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        ranks: tuple[int, ...],
+        options: DecomposeOptions,
+    ) -> InterpolativeLayer:
+        grouped = shape.grouped_weight(weight)
+        triplets = [
+            truncated_svd(
+                grouped[g].reshape(shape.out_per_group, -1),
+                ranks[0],
+                solver=options.svd_solver,
+                seed=options.seed,
+            )
+            for g in range(shape.groups)
+        ]
+        return cls.from_svd(shape, triplets, bias, options)
+
+    @classmethod
+    def from_svd(
+        cls,
+        shape: LayerShape,
+        triplets: list[Triplet],
+        bias: torch.Tensor | None,
+        options: DecomposeOptions | None = None,
+    ) -> InterpolativeLayer:
+        """A layer computing ``u diag(s) vh`` per group, plus ``bias``, from factors made elsewhere.
+
+        Data-aware factorisations (``stagecomp.data_aware``) use it.
+        """
+        u = triplets[0][0]
+        layer = cls(shape, (triplets[0][1].numel(),), options, device=u.device, dtype=u.dtype)
+        layer._assign(*grouped_interpolative(triplets), bias)
+        return layer
+
+    def recompressed(
+        self, rank: Rank, options: DecomposeOptions | None = None, name: str | None = None
+    ) -> InterpolativeLayer:
+        """Smaller ranks from each group's two factors, through their exact SVD."""
+        options = options or self.options
+        ranks = self.normalize_rank(self.shape, rank, options, name)
+        with torch.no_grad():
+            dtype = torch.float64
+            lefts, kepts = self._group_factors(dtype)
+            triplets = [
+                svd_recompress(left, kept, ranks[0])
+                for left, kept in zip(lefts, kepts, strict=True)
+            ]
+            bias = None if self.bias is None else self.bias.to(dtype)
+            layer = type(self).from_svd(self.shape, triplets, bias, options)
+        return layer.matched_to(self.first.weight, self.training)
+
+    def _group_factors(self, dtype: torch.dtype) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per group, ``left`` (``out/g x r``, the rows of ``[I; B]`` in output order) and ``C``."""
+        shape, (rank,) = self.shape, self.ranks
+        groups, per_group = shape.groups, shape.out_per_group
+        kept = self.first.weight.to(dtype).reshape(groups, rank, -1)
+        eye = torch.eye(rank, dtype=dtype, device=kept.device)
+        lefts = []
+        for g in range(groups):
+            stacked = eye
+            if self.second is not None:
+                mix = self.second.weight.to(dtype).reshape(groups, per_group - rank, rank)[g]
+                stacked = torch.cat([eye, mix])
+            position = self.order[g * per_group : (g + 1) * per_group]
+            local = torch.where(
+                position < groups * rank,
+                position - g * rank,
+                rank + position - groups * rank - g * (per_group - rank),
+            )
+            lefts.append(stacked[local])
+        return lefts, list(kept)
+
+    @torch.no_grad()
+    def _assign(
+        self,
+        order: torch.Tensor,
+        mixes: list[torch.Tensor],
+        kepts: list[torch.Tensor],
+        bias: torch.Tensor | None,
+    ) -> None:
+        self.first.weight.copy_(torch.cat(kepts).reshape(self.first.weight.shape))
+        if self.second is not None:
+            self.second.weight.copy_(torch.cat(mixes).reshape(self.second.weight.shape))
+        self.order.copy_(order)
+        if bias is not None and self.bias is not None:
+            self.bias.copy_(bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.first(x)
+        linear = self.shape.kind == "linear"
+        if self.second is not None:
+            dim = -1 if linear else -3  # channels of batched and unbatched conv inputs
+            y = torch.cat([y, self.second(y)], dim=dim).index_select(dim, self.order)
+        if self.bias is not None:
+            y = y + (self.bias if linear else self.bias.view(-1, 1, 1))
+        return y
+
+    def dense_weight(self) -> torch.Tensor:
+        shape, (rank,) = self.shape, self.ranks
+        groups = shape.groups
+        kept = self.first.weight.reshape(groups, rank, -1)
+        rows = [kept.reshape(groups * rank, -1)]
+        if self.second is not None:
+            mix = self.second.weight.reshape(groups, shape.out_per_group - rank, rank)
+            rows.append(torch.bmm(mix, kept).reshape(-1, kept.shape[-1]))
+        return torch.cat(rows).index_select(0, self.order).reshape(shape.weight_shape)
+
+    def dense_bias(self) -> torch.Tensor | None:
+        return self.bias
