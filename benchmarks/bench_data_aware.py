@@ -9,7 +9,10 @@ its 36 encoder Linear layers get 1.5x, 2x and 3x fewer parameters in total, by
 - ``gradient``: the same uniform ranks, whitened SVD also weighted on the output
   side by the moment of the embedding's gradients;
 - ``allocated``: per-layer ranks from ``allocate_ranks`` (every layer's
-  gradient-weighted spectrum competes for one global budget), gradient-weighted factors;
+  gradient-weighted spectrum competes for one global budget, the predicted costs
+  rescaled by each layer's measured effect on the embeddings), gradient-weighted factors;
+- ``allocated id``: the same in the interpolative SVD form (``svd_id``: ``r^2`` fewer
+  parameters per layer, so the budget buys higher ranks);
 - ``allocated+drift`` (optional): whitened factors at the allocated ranks, fitted
   to undo the drift left by earlier compressed layers (``correct_drift=True``).
 
@@ -77,14 +80,16 @@ def _compress_encoder(
             compressed, sc.Reduction(rate), calibration=batches, data_aware=setting, **common
         )
     else:
+        method = "svd_id" if setting == "allocated id" else "svd"
         ranks = sc.allocate_ranks(
-            model, batches, names, rate=rate, forward=_st_forward, progress=False
+            model, batches, names, rate=rate, method=method, forward=_st_forward, progress=False
         )
         drift = setting == "allocated+drift"
         compressor = sc.Compressor(
             compressed,
             "manual",
             ranks=ranks,
+            methods={"*": method},
             calibration=batches,
             data_aware="whiten" if drift else "gradient",
             correct_drift=drift,
@@ -164,7 +169,15 @@ def digits_cnn(targets: list[float]) -> None:
         )
 
 
-SETTINGS = ["weight SVD", "whiten", "output", "gradient", "allocated", "allocated+drift"]
+SETTINGS = [
+    "weight SVD",
+    "whiten",
+    "output",
+    "gradient",
+    "allocated",
+    "allocated id",
+    "allocated+drift",
+]
 
 
 def main() -> None:

@@ -26,6 +26,11 @@ from stagecomp.matching import check_keys
 
 logger = logging.getLogger(__name__)
 
+GRADIENT_PROBES = 4
+"""Random output projections per batch in ``collect_gradient_moments``: one gives a
+noisy moment (on MiniLM at 2x fewer parameters, 0.852 mean cosine against 0.862 with
+eight), four is most of the gain for a quarter of the backward passes of eight."""
+
 Forward = Callable[[nn.Module, Any], Any]
 """How one batch is fed to the model: ``forward(model, batch) -> output``."""
 
@@ -282,7 +287,7 @@ def collect_gradient_moments(
     *,
     forward: Forward | None = None,
     output: OutputFn | None = None,
-    probes: int = 1,
+    probes: int = GRADIENT_PROBES,
     seed: int = 0,
     progress: bool = True,
 ) -> dict[str, torch.Tensor]:
@@ -381,6 +386,7 @@ def _to_device(batch: Any, device: torch.device) -> Any:
 
 
 __all__ = [
+    "GRADIENT_PROBES",
     "Forward",
     "LayerStatistics",
     "OutputFn",

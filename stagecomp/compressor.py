@@ -268,8 +268,7 @@ class Compressor:
         check_method(conv_method)
         if linear_method not in _LINEAR_METHODS:
             raise StagecompError(
-                f"linear_method={linear_method!r} is not allowed; expected one of "
-                f"{_LINEAR_METHODS}"
+                f"linear_method={linear_method!r} is not allowed; expected one of {_LINEAR_METHODS}"
             )
         if isinstance(exclude, str):
             exclude = [exclude]

@@ -3,7 +3,7 @@
 The math lives in ``stagecomp.decompositions.data_aware``; this module reads a
 layer's weights, picks the per-group blocks of the statistics, and builds the
 ordinary decomposed layer classes (``SVDLinear``, ``SVDConv2d``,
-``Tucker2Conv2d``) from the factors, so save, load, recipes and later stages
+``InterpolativeLayer``, ``Tucker2Conv2d``) from the factors, so save, load, recipes and later stages
 treat the result like any other decomposed layer.
 """
 
@@ -26,6 +26,7 @@ from stagecomp.decompositions.data_aware import (
 from stagecomp.errors import NonFiniteWeightError, StagecompError, UnsupportedLayerError
 from stagecomp.layer_shape import LayerShape
 from stagecomp.layers.base import DecomposedLayer, Rank, describe
+from stagecomp.layers.interpolative import InterpolativeLayer
 from stagecomp.layers.svd_conv2d import SVDConv2d
 from stagecomp.layers.svd_linear import SVDLinear
 from stagecomp.layers.tucker2_conv2d import Tucker2Conv2d
@@ -50,9 +51,13 @@ def check_variant(variant: str, name: str | None = None) -> str:
     return variant
 
 
+SVD_METHODS = ("svd", "svd_id")
+"""Methods whose layers are a truncated SVD (stored as two factors, or in interpolative form)."""
+
+
 def supports_data_aware(method: str, shape: LayerShape) -> bool:
     """True where data-aware factors exist: SVD of Linear and 1x1 conv, Tucker2 of conv."""
-    if method == "svd":
+    if method in SVD_METHODS:
         return shape.kind == "linear" or shape.is_pointwise
     return method == "tucker2" and shape.kind == "conv2d"
 
@@ -102,7 +107,7 @@ def decompose_data_aware(
 
     Args:
         module: An nn.Linear, nn.Conv2d or already decomposed layer (left untouched).
-        method: ``"svd"`` (Linear or 1x1 conv) or ``"tucker2"`` (conv).
+        method: ``"svd"`` or ``"svd_id"`` (Linear or 1x1 conv), or ``"tucker2"`` (conv).
         rank: As for ``stagecomp.decompose``.
         statistics: This layer's ``LayerStatistics`` from ``collect_statistics``
             (with outputs for Tucker2).
@@ -114,7 +119,8 @@ def decompose_data_aware(
             statistics have a ``cross_moment``).
 
     Returns:
-        A new ``SVDLinear`` / ``SVDConv2d`` / ``Tucker2Conv2d`` on the module's device and dtype.
+        A new ``SVDLinear`` / ``SVDConv2d`` / ``InterpolativeLayer`` / ``Tucker2Conv2d`` on
+        the module's device and dtype.
     """
     options = options or DecomposeOptions()
     check_variant(variant, name)
@@ -122,8 +128,8 @@ def decompose_data_aware(
     cls = layer_class(method, shape, name)
     if not supports_data_aware(method, shape):
         raise UnsupportedLayerError(
-            f"{describe(shape, name)}: data-aware factors exist for 'svd' on Linear and 1x1 "
-            f"conv layers and 'tucker2' on conv layers, not {method!r} here"
+            f"{describe(shape, name)}: data-aware factors exist for 'svd' and 'svd_id' on "
+            f"Linear and 1x1 conv layers and 'tucker2' on conv layers, not {method!r} here"
         )
     ranks = cls.normalize_rank(shape, rank, options, name)
     w, b = _weights(module, shape, name)
@@ -131,7 +137,7 @@ def decompose_data_aware(
     ipg, opg = shape.in_per_group, shape.out_per_group
     shift = torch.zeros(shape.out_channels, dtype=torch.float64, device=w.device)
     layer: DecomposedLayer
-    if method == "svd":
+    if method in SVD_METHODS:
         triplets = []
         for g in range(shape.groups):
             block = slice(g * ipg, (g + 1) * ipg)
@@ -165,7 +171,9 @@ def decompose_data_aware(
                 u, s, vh = whitened_svd(matrix, moment, ranks[0], damping=damping)
             triplets.append((u, s, vh))
         bias = None if b is None else b + shift
-        if shape.kind == "linear":
+        if method == "svd_id":
+            layer = InterpolativeLayer.from_svd(shape, triplets, bias, options)
+        elif shape.kind == "linear":
             layer = SVDLinear.from_svd(shape, *triplets[0], bias, options)
         else:
             layer = SVDConv2d.from_svd(shape, triplets, bias, options)
@@ -223,6 +231,7 @@ def output_error_curve(
 
 
 __all__ = [
+    "SVD_METHODS",
     "VARIANTS",
     "check_variant",
     "decompose_data_aware",

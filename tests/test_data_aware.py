@@ -489,3 +489,52 @@ def test_minilm_allocated_gradient_factors_beat_uniform_cuts() -> None:
     allocated = score(strategy="manual", ranks=ranks, calibration=batches, data_aware="gradient")
     assert whiten > weight_only + 0.2
     assert allocated > whiten + 0.05
+
+
+def test_allocation_in_interpolative_form_buys_higher_ranks_and_less_error() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(24, 48), nn.Tanh(), nn.Linear(48, 48), nn.Tanh(), nn.Linear(48, 8)
+    ).double()
+    batches = [torch.randn(64, 24, dtype=D) for _ in range(3)]
+    names = ["0", "2"]
+    x = torch.cat(batches)
+    with torch.no_grad():
+        target = model(x)
+    errors, params = {}, {}
+    for method in ("svd", "svd_id"):
+        ranks = allocate_ranks(model, batches, names, rate=2.0, method=method, progress=False)
+        compressed = copy.deepcopy(model)
+        sc.Compressor(
+            compressed,
+            "manual",
+            ranks=ranks,
+            methods={"*": method},
+            calibration=batches,
+            data_aware="gradient",
+            progress=False,
+            layers_per_step=2,
+        ).compression_step()
+        params[method] = sum(
+            p.numel() for n in names for p in compressed.get_submodule(n).parameters()
+        )
+        with torch.no_grad():
+            errors[method] = _relative(compressed(x), target)
+    dense = sum(p.numel() for n in names for p in model.get_submodule(n).parameters())
+    assert params["svd"] <= dense / 2 and params["svd_id"] <= dense / 2
+    assert errors["svd_id"] < 0.8 * errors["svd"], errors
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"sensitivity": "probe", "rounds": 0}, "rounds=0"),
+        ({"rounds": -1}, "rounds=-1"),
+        ({"method": "tt"}, "method='tt'"),
+        ({"sensitivity": "hessian"}, "sensitivity='hessian'"),
+    ],
+)
+def test_allocate_ranks_refuses_bad_settings(kwargs: dict, match: str) -> None:
+    model = nn.Sequential(nn.Linear(8, 8))
+    with pytest.raises(sc.StagecompError, match=match):
+        allocate_ranks(model, [torch.randn(4, 8)], ["0"], rate=2.0, progress=False, **kwargs)

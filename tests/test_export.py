@@ -11,16 +11,17 @@ from torch import nn
 
 import stagecomp as sc
 
-# (index in the Sequential, method): every conv method, a 1x1 conv, both Linear methods.
+# (index in the Sequential, method): every conv method, a 1x1 conv, every Linear method.
 _DECOMPOSED = [
     (0, "svd"),
     (2, "tucker2"),
     (4, "cp3"),
     (6, "cp4"),
     (8, "tt"),
-    (10, "svd"),
+    (10, "svd_id"),
     (14, "svd"),
     (16, "tt"),
+    (18, "svd_id"),
 ]
 
 
@@ -44,6 +45,8 @@ def _compressed() -> nn.Sequential:
         nn.Linear(64, 32),
         nn.ReLU(),
         nn.Linear(32, 8),
+        nn.ReLU(),
+        nn.Linear(8, 8),
     )
     for index, method in _DECOMPOSED:
         model[index] = sc.decompose(model[index], method, 2 if method == "tt" else 4)

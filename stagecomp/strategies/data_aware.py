@@ -7,18 +7,21 @@ the Compressor, which collects the statistics before each step).
 ``allocate_ranks`` spends a global parameter budget where it hurts the model's
 final output least. One uniform cut is far from optimal: the layers of a
 network differ both in how fast their whitened spectrum decays and in how much
-an error in their output moves the final output. It measures the second
-directly (falor-style: the noise-to-signal ratio of the final output when one
-layer alone is truncated, divided by that layer's own relative output error),
-then minimises the predicted total ``sum_l sensitivity_l * error_l(r_l)^2``
+an error in their output moves the final output. By default each dropped
+component gets a predicted cost in the final output from the gradient moments
+(Gauss-Newton, Kronecker-factored); that prediction is then checked against
+the real change of the final output when each layer alone is truncated at its
+allocated rank, and rescaled (falor-style measurement: the model's own output
+is the judge). The total ``sum_l sensitivity_l * cost_l(r_l)`` is minimised
 under the budget with a Lagrange multiplier, every layer choosing between its
 ranks and staying dense.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -27,14 +30,21 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from stagecomp.calibration import (
+    GRADIENT_PROBES,
     Forward,
+    LayerStatistics,
     OutputFn,
     collect_gradient_moments,
     collect_statistics,
     main_output,
     run_batch,
 )
-from stagecomp.data_aware import check_variant, decompose_data_aware, output_error_curve
+from stagecomp.data_aware import (
+    SVD_METHODS,
+    check_variant,
+    decompose_data_aware,
+    output_error_curve,
+)
 from stagecomp.decompositions.data_aware import weighted_spectrum
 from stagecomp.errors import RankError, StagecompError, UnsupportedLayerError
 from stagecomp.layer_shape import LayerShape
@@ -82,7 +92,7 @@ class DataAware:
                 "pass Compressor(..., calibration=batches)"
             )
         shape = request.shape
-        if request.cls.method == "svd" and (shape.kind == "linear" or shape.is_pointwise):
+        if request.cls.method in SVD_METHODS and (shape.kind == "linear" or shape.is_pointwise):
             curve = output_error_curve(request.module, stats)
             rank = int((curve <= self.tolerance).nonzero()[0])
             return request.cls.normalize_rank(shape, max(rank, 1), request.options, request.name)
@@ -98,8 +108,8 @@ class DataAware:
             )
             return request.cls.normalize_rank(shape, ranks, request.options, request.name)
         raise UnsupportedLayerError(
-            f"{describe(shape, request.name)}: the DataAware strategy sizes 'svd' (Linear, "
-            f"1x1 conv) and 'tucker2' layers, not {request.cls.method!r}"
+            f"{describe(shape, request.name)}: the DataAware strategy sizes 'svd' and 'svd_id' "
+            f"(Linear, 1x1 conv) and 'tucker2' layers, not {request.cls.method!r}"
         )
 
     def to_dict(self) -> dict[str, object]:
@@ -127,12 +137,14 @@ def allocate_ranks(
     names: Sequence[str],
     *,
     rate: float,
-    variant: str = "whiten",
+    method: str = "svd",
+    variant: str | None = None,
     forward: Forward | None = None,
     output: OutputFn | None = None,
     sensitivity: str = "gradient",
-    sensitivity_batches: int = 2,
+    sensitivity_batches: int = 4,
     rounds: int = 1,
+    gradient_probes: int = GRADIENT_PROBES,
     options: DecomposeOptions | None = None,
     progress: bool = True,
 ) -> dict[str, int | None]:
@@ -143,19 +155,28 @@ def allocate_ranks(
         batches: Calibration batches (iterated several times; a list or a DataLoader).
         names: Linear / 1x1 conv layers to share the budget.
         rate: Their total parameters are divided by at least this (> 1).
-        variant: Data-aware variant used when probing the sensitivity.
+        method: ``"svd"`` or ``"svd_id"`` (the interpolative form: ``r^2`` fewer
+            parameters per layer at rank ``r``, so the same budget buys higher ranks);
+            compress with the same method (``Compressor(methods=...)``).
+        variant: Data-aware variant of the factors used when measuring a layer's real
+            effect; default ``"gradient"`` with gradient sensitivity, else ``"whiten"``.
         sensitivity: ``"gradient"``: each layer's whitened spectrum weighted on the
             output side by the moment of the final output's gradients
             (``collect_gradient_moments``), so every dropped component has a predicted
             cost in the final output, comparable across layers (one forward and
-            backward per batch). ``"probe"``: truncate each layer alone and measure
-            the final output's noise-to-signal ratio (one forward per layer, batch
-            and round).
+            ``gradient_probes`` backward passes per batch); each of ``rounds`` then
+            measures every layer's real effect at its allocated rank and rescales its
+            predicted costs by it, which corrects what the Kronecker-factored,
+            first-order prediction misses (attention's softmax, errors of one
+            sentence's tokens adding up in the pooled output). ``"probe"``: truncate
+            each layer alone and measure the final output's noise-to-signal ratio.
         forward: How a batch is fed (see ``stagecomp.calibration.run_batch``).
         output: Picks the tensor to compare from the model's output (``main_output``).
-        sensitivity_batches: Batches used to measure each layer's sensitivity (probe).
-        rounds: Probe rounds; round 1 probes every layer at its
-            ``rate``-times-smaller rank, later rounds at the ranks just allocated.
+        sensitivity_batches: Batches used to measure each layer's real effect.
+        rounds: Measurement rounds: with ``"probe"`` at least 1 (round 1 probes every
+            layer at its ``rate``-times-smaller rank, later rounds at the ranks just
+            allocated); with ``"gradient"`` 0 keeps the predicted costs as they are.
+        gradient_probes: Random output projections per batch for the gradient moments.
         options: Decomposition options.
         progress: Show progress bars.
 
@@ -165,90 +186,141 @@ def allocate_ranks(
     """
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not rate > 1:
         raise RankError(f"allocate_ranks rate {rate!r} is not allowed; expected a number > 1")
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
-        raise RankError(f"allocate_ranks rounds={rounds!r} is not allowed; expected >= 1")
-    check_variant(variant)
     if sensitivity not in ("gradient", "probe"):
         raise StagecompError(
             f"allocate_ranks sensitivity={sensitivity!r} is not allowed; "
             "expected 'gradient' or 'probe'"
         )
+    least = 0 if sensitivity == "gradient" else 1
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < least:
+        raise RankError(
+            f"allocate_ranks rounds={rounds!r} is not allowed with sensitivity="
+            f"{sensitivity!r}; expected an integer >= {least}"
+        )
+    if method not in SVD_METHODS:
+        raise StagecompError(
+            f"allocate_ranks method={method!r} is not allowed; expected one of {SVD_METHODS}"
+        )
+    variant = variant or ("gradient" if sensitivity == "gradient" else "whiten")
+    check_variant(variant)
     options = options or DecomposeOptions()
-    pick = output or main_output
     batch_list = list(batches)
     stats = collect_statistics(model, batch_list, names, forward=forward, progress=progress)
-    gradients = (
-        collect_gradient_moments(
-            model, batch_list, names, forward=forward, output=output, progress=progress
+    if sensitivity == "gradient" or variant == "gradient":
+        gradients = collect_gradient_moments(
+            model,
+            batch_list,
+            names,
+            forward=forward,
+            output=output,
+            probes=gradient_probes,
+            progress=progress,
         )
-        if sensitivity == "gradient"
-        else {}
-    )
-    layers: list[_Layer] = []
-    for name in names:
-        module = get_module(model, name)
-        shape = LayerShape.from_module(module, name)
-        if not (shape.kind == "linear" or shape.is_pointwise):
-            raise UnsupportedLayerError(
-                f"{describe(shape, name)}: allocate_ranks sizes SVD layers (Linear, 1x1 conv)"
-            )
-        cls = layer_class("svd", shape, name)
-        full = cls.full_rank(shape, options)[0]
-        params = torch.tensor(
-            [cls.param_count(shape, (r,), options) for r in range(1, full + 1)], dtype=torch.float64
-        )
-        if sensitivity == "gradient":
-            weight = (
-                module.dense_weight()
-                if isinstance(module, DecomposedLayer)
-                else cast(torch.Tensor, module.weight)
-            )
-            energy = weighted_spectrum(
-                weight.detach().reshape(shape.out_channels, -1),
-                stats[name].input_moment,
-                gradients[name],
-            ).square()
-            curve = energy.flip(0).cumsum(0).flip(0)[1:]
-            curve = torch.cat([curve, curve.new_zeros(1)])  # cost of keeping ranks 1..full
-        else:
-            curve = output_error_curve(module, stats[name])[1:].square()  # ranks 1..full
-        layers.append(_Layer(name, shape.dense_params, params, curve))
+        for name, moment in gradients.items():
+            stats[name].gradient_moment = moment
+    layers = [_layer_costs(model, n, stats[n], method, sensitivity, options) for n in names]
     budget = sum(layer.dense for layer in layers) / rate
-    if sensitivity == "gradient":
+    if sensitivity == "gradient" and rounds == 0:
         return _lagrangian(layers, budget)
 
+    probe = _Probe(model, batch_list[:sensitivity_batches], forward, output or main_output)
+    chosen: dict[str, int | None] = {}
+    for round_index in range(rounds):
+        if sensitivity == "gradient":
+            chosen = _lagrangian(layers, budget)
+        bar = tqdm(layers, desc=f"sensitivity {round_index + 1}/{rounds}", disable=not progress)
+        for layer in bar:
+            rank = chosen.get(layer.name) or layer.rank_for(layer.dense / rate)
+            module = get_module(model, layer.name)
+            replacement = decompose_data_aware(
+                module, method, rank, stats[layer.name], variant=variant, options=options
+            )
+            noise = probe.noise(layer.name, replacement)
+            predicted = float(layer.curve[rank - 1])
+            if sensitivity == "probe":
+                # Relative squared error of the output per unit of the layer's own.
+                layer.sensitivity = noise / probe.signal / predicted if predicted > 0 else 0.0
+            elif predicted > 0:
+                # Squared change of the final output per batch, as the gradient moments count it.
+                layer.sensitivity = noise / len(probe.batches) / predicted
+        chosen = _lagrangian(layers, budget)
+        logger.info("allocation round %d: %s", round_index + 1, chosen)
+    return chosen
+
+
+def _layer_costs(
+    model: nn.Module,
+    name: str,
+    stats: LayerStatistics,
+    method: str,
+    sensitivity: str,
+    options: DecomposeOptions,
+) -> _Layer:
+    """A layer's parameters and predicted cost at every rank."""
+    module = get_module(model, name)
+    shape = LayerShape.from_module(module, name)
+    if not (shape.kind == "linear" or shape.is_pointwise):
+        raise UnsupportedLayerError(
+            f"{describe(shape, name)}: allocate_ranks sizes SVD layers (Linear, 1x1 conv)"
+        )
+    cls = layer_class(method, shape, name)
+    full = cls.full_rank(shape, options)[0]
+    params = torch.tensor(
+        [cls.param_count(shape, (r,), options) for r in range(1, full + 1)], dtype=torch.float64
+    )
+    if sensitivity == "gradient":
+        assert stats.gradient_moment is not None
+        weight = (
+            module.dense_weight()
+            if isinstance(module, DecomposedLayer)
+            else cast(torch.Tensor, module.weight)
+        )
+        energy = weighted_spectrum(
+            weight.detach().reshape(shape.out_channels, -1),
+            stats.input_moment,
+            stats.gradient_moment,
+        ).square()
+        curve = energy.flip(0).cumsum(0).flip(0)[1:]
+        curve = torch.cat([curve, curve.new_zeros(1)])  # cost of keeping ranks 1..full
+    else:
+        curve = output_error_curve(module, stats)[1:].square()  # ranks 1..full
+    return _Layer(name, shape.dense_params, params, curve)
+
+
+class _Probe:
+    """The model's output on a few batches, and how far one replaced layer moves it."""
+
+    def __init__(
+        self, model: nn.Module, batches: list[Any], forward: Forward | None, pick: OutputFn
+    ) -> None:
+        self.model, self.batches, self.forward, self.pick = model, batches, forward, pick
+        with torch.no_grad(), _eval(model):
+            self.reference = [pick(run_batch(model, b, forward)).detach().double() for b in batches]
+        self.signal = sum(float(r.square().sum()) for r in self.reference)
+
+    def noise(self, name: str, replacement: nn.Module) -> float:
+        """Squared change of the output, summed over the batches, with ``name`` replaced."""
+        original = get_module(self.model, name)
+        replace_module(self.model, name, replacement)
+        try:
+            with torch.no_grad(), _eval(self.model):
+                total = 0.0
+                for batch, reference in zip(self.batches, self.reference, strict=True):
+                    out = self.pick(run_batch(self.model, batch, self.forward)).double()
+                    total += float((out - reference).square().sum())
+                return total
+        finally:
+            replace_module(self.model, name, original)
+
+
+@contextlib.contextmanager
+def _eval(model: nn.Module) -> Iterator[None]:
     was_training = model.training
     model.eval()
-    probe_batches = batch_list[:sensitivity_batches]
-    with torch.no_grad():
-        reference = [pick(run_batch(model, b, forward)).detach().double() for b in probe_batches]
-    signal = sum(float(r.square().sum()) for r in reference)
-    chosen: dict[str, int | None] = {}
     try:
-        for round_index in range(rounds):
-            bar = tqdm(layers, desc=f"sensitivity {round_index + 1}/{rounds}", disable=not progress)
-            for layer in bar:
-                rank = chosen.get(layer.name) or layer.rank_for(layer.dense / rate)
-                module = get_module(model, layer.name)
-                probe = decompose_data_aware(
-                    module, "svd", rank, stats[layer.name], variant=variant, options=options
-                )
-                replace_module(model, layer.name, probe)
-                try:
-                    with torch.no_grad():
-                        noise = sum(
-                            float((pick(run_batch(model, b, forward)).double() - r).square().sum())
-                            for b, r in zip(probe_batches, reference, strict=True)
-                        )
-                finally:
-                    replace_module(model, layer.name, module)
-                error = float(layer.curve[rank - 1])
-                layer.sensitivity = (noise / signal) / error if error > 0 else 0.0
-            chosen = _lagrangian(layers, budget)
-            logger.info("allocation round %d: %s", round_index + 1, chosen)
+        yield
     finally:
         model.train(was_training)
-    return chosen
 
 
 @dataclass
