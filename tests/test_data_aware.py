@@ -182,8 +182,10 @@ def test_decompose_data_aware_builds_ordinary_layers_exact_at_full_rank() -> Non
     )
     for name, method, rank in (
         ("conv", "svd", 3),
+        ("conv", "svd_id", 3),
         ("conv3", "tucker2", (12, 8)),
         ("fc", "svd", 12),
+        ("fc", "svd_id", 12),
     ):
         module = model.get_submodule(name)
         for variant in ("whiten", "output"):
@@ -538,3 +540,19 @@ def test_allocate_ranks_refuses_bad_settings(kwargs: dict, match: str) -> None:
     model = nn.Sequential(nn.Linear(8, 8))
     with pytest.raises(sc.StagecompError, match=match):
         allocate_ranks(model, [torch.randn(4, 8)], ["0"], rate=2.0, progress=False, **kwargs)
+
+
+@pytest.mark.parametrize("variant", ["whiten", "output"])
+def test_interpolative_data_aware_layer_reproduces_subspace_inputs(variant: str) -> None:
+    """In interpolative form the data-aware layer is still exact on a rank-k input subspace."""
+    torch.manual_seed(4)
+    linear = nn.Linear(20, 16).double()
+    x = _subspace_inputs(300, 20, 5, offset=variant == "output")
+    model = nn.Sequential(linear)
+    stats = collect_statistics(model, [x], ["0"], progress=False)["0"]
+    layer = decompose_data_aware(linear, "svd_id", 5, stats, variant=variant)
+    weight_only = sc.decompose(linear, "svd_id", 5)
+    with torch.no_grad():
+        assert _relative(layer(x), linear(x)) < 1e-8
+        assert _relative(weight_only(x), linear(x)) > 0.05
+    assert sum(p.numel() for p in layer.parameters()) == 5 * (20 + 16 - 5) + 16
