@@ -18,13 +18,12 @@ import torch
 from torch import nn
 
 from stagecomp.decompositions.interpolative import grouped_interpolative
-from stagecomp.decompositions.svd import svd_recompress, truncated_svd
+from stagecomp.decompositions.svd import svd_recompress
 from stagecomp.layer_shape import LayerShape
 from stagecomp.layers.base import DecomposedLayer, Rank
 from stagecomp.layers.init import dense_weight_variance, init_bias_
+from stagecomp.layers.svd_conv2d import Triplet, grouped_svd
 from stagecomp.options import DecomposeOptions
-
-Triplet = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 class InterpolativeLayer(DecomposedLayer):
@@ -118,17 +117,7 @@ class InterpolativeLayer(DecomposedLayer):
         ranks: tuple[int, ...],
         options: DecomposeOptions,
     ) -> InterpolativeLayer:
-        grouped = shape.grouped_weight(weight)
-        triplets = [
-            truncated_svd(
-                grouped[g].reshape(shape.out_per_group, -1),
-                ranks[0],
-                solver=options.svd_solver,
-                seed=options.seed,
-            )
-            for g in range(shape.groups)
-        ]
-        return cls.from_svd(shape, triplets, bias, options)
+        return cls.from_svd(shape, grouped_svd(shape, weight, ranks[0], options), bias, options)
 
     @classmethod
     def from_svd(

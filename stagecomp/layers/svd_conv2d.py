@@ -17,6 +17,24 @@ from stagecomp.layers.base import DecomposedLayer, Rank
 from stagecomp.layers.init import init_bias_, init_factor_chain_
 from stagecomp.options import DecomposeOptions
 
+Triplet = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def grouped_svd(
+    shape: LayerShape, weight: torch.Tensor, rank: int, options: DecomposeOptions
+) -> list[Triplet]:
+    """The truncated SVD ``(u, s, vh)`` of each group's weight unfolded as ``(out/g, in/g * k)``."""
+    grouped = shape.grouped_weight(weight)
+    return [
+        truncated_svd(
+            grouped[g].reshape(shape.out_per_group, -1),
+            rank,
+            solver=options.svd_solver,
+            seed=options.seed,
+        )
+        for g in range(shape.groups)
+    ]
+
 
 class SVDConv2d(DecomposedLayer):
     """A Conv2d factorised by truncated SVD of each group's unfolded kernel."""
@@ -78,17 +96,7 @@ class SVDConv2d(DecomposedLayer):
         ranks: tuple[int, ...],
         options: DecomposeOptions,
     ) -> SVDConv2d:
-        grouped = shape.grouped_weight(weight)
-        triplets = [
-            truncated_svd(
-                grouped[g].reshape(shape.out_per_group, -1),
-                ranks[0],
-                solver=options.svd_solver,
-                seed=options.seed,
-            )
-            for g in range(shape.groups)
-        ]
-        return cls.from_svd(shape, triplets, bias, options)
+        return cls.from_svd(shape, grouped_svd(shape, weight, ranks[0], options), bias, options)
 
     @classmethod
     def from_svd(
