@@ -25,7 +25,8 @@ Digits: the small CNN of ``stagecomp.digits`` at about 2x and 3x fewer MACs
 with weight-only vs data-aware factors, no fine-tuning.
 
 Run: ``python benchmarks/bench_data_aware.py [--threads 1] [--quick]``
-(about 65 minutes on one CPU thread with the second core busy; ``--quick`` runs 2x only on fewer sentences).
+(about 65 minutes on one CPU thread with the second core busy; ``--quick`` runs 2x only,
+on fewer sentences).
 """
 
 from __future__ import annotations
