@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+
+from stagecomp.surgery import eval_mode
 
 with warnings.catch_warnings():
     # fvcore scripts a helper at import time, which recent torch reports as deprecated.
@@ -43,17 +43,6 @@ class ModelStats:
     layer_params: dict[str, int] = field(default_factory=dict)
 
 
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, mode in modes.items():
-            module.train(mode)
-
-
 def _as_tuple(example_input: Any) -> tuple[Any, ...]:
     return example_input if isinstance(example_input, tuple) else (example_input,)
 
@@ -65,7 +54,7 @@ def model_stats(model: nn.Module, example_input: Any) -> ModelStats:
         model: Any module fvcore can trace.
         example_input: A tensor, or a tuple of positional inputs.
     """
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         analysis = FlopCountAnalysis(model, _as_tuple(example_input))
         analysis.unsupported_ops_warnings(False)
         analysis.uncalled_modules_warnings(False)

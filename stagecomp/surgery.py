@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from torch import nn
 
 from stagecomp.errors import NoMatchingLayerError
@@ -32,3 +35,15 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     else:
         setattr(parent, child, new)
     return old
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Run the block in eval mode, then give every submodule back its own mode."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, mode in modes.items():
+            module.train(mode)

@@ -19,9 +19,8 @@ ranks and staying dense.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -51,7 +50,7 @@ from stagecomp.layer_shape import LayerShape
 from stagecomp.layers.base import DecomposedLayer, describe
 from stagecomp.options import DecomposeOptions
 from stagecomp.registry import layer_class
-from stagecomp.surgery import get_module, replace_module
+from stagecomp.surgery import eval_mode, get_module, replace_module
 
 if TYPE_CHECKING:
     from stagecomp.strategies.base import RankRequest
@@ -294,7 +293,7 @@ class _Probe:
         self, model: nn.Module, batches: list[Any], forward: Forward | None, pick: OutputFn
     ) -> None:
         self.model, self.batches, self.forward, self.pick = model, batches, forward, pick
-        with torch.no_grad(), _eval(model):
+        with torch.no_grad(), eval_mode(model):
             self.reference = [pick(run_batch(model, b, forward)).detach().double() for b in batches]
         self.signal = sum(float(r.square().sum()) for r in self.reference)
 
@@ -303,7 +302,7 @@ class _Probe:
         original = get_module(self.model, name)
         replace_module(self.model, name, replacement)
         try:
-            with torch.no_grad(), _eval(self.model):
+            with torch.no_grad(), eval_mode(self.model):
                 total = 0.0
                 for batch, reference in zip(self.batches, self.reference, strict=True):
                     out = self.pick(run_batch(self.model, batch, self.forward)).double()
@@ -311,16 +310,6 @@ class _Probe:
                 return total
         finally:
             replace_module(self.model, name, original)
-
-
-@contextlib.contextmanager
-def _eval(model: nn.Module) -> Iterator[None]:
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 @dataclass
