@@ -159,12 +159,14 @@ class InterpolativeLayer(DecomposedLayer):
         groups, per_group = shape.groups, shape.out_per_group
         kept = self.first.weight.to(dtype).reshape(groups, rank, -1)
         eye = torch.eye(rank, dtype=dtype, device=kept.device)
+        mixes = (
+            self.second.weight.to(dtype).reshape(groups, per_group - rank, rank)
+            if self.second is not None
+            else None
+        )
         lefts = []
         for g in range(groups):
-            stacked = eye
-            if self.second is not None:
-                mix = self.second.weight.to(dtype).reshape(groups, per_group - rank, rank)[g]
-                stacked = torch.cat([eye, mix])
+            stacked = eye if mixes is None else torch.cat([eye, mixes[g]])
             position = self.order[g * per_group : (g + 1) * per_group]
             local = torch.where(
                 position < groups * rank,

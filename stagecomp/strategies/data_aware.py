@@ -223,10 +223,9 @@ def allocate_ranks(
         return _lagrangian(layers, budget)
 
     probe = _Probe(model, batch_list[:sensitivity_batches], forward, output or main_output)
-    chosen: dict[str, int | None] = {}
+    # Gradient rounds measure at the predicted allocation; probe round 1 at the uniform rate.
+    chosen = _lagrangian(layers, budget) if sensitivity == "gradient" else {}
     for round_index in range(rounds):
-        if sensitivity == "gradient":
-            chosen = _lagrangian(layers, budget)
         bar = tqdm(layers, desc=f"sensitivity {round_index + 1}/{rounds}", disable=not progress)
         for layer in bar:
             rank = chosen.get(layer.name) or layer.rank_for(layer.dense / rate)
