@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -95,7 +97,7 @@ def test_unbatched_conv_input() -> None:
         assert torch.allclose(layer(x), conv(x), atol=1e-10)
 
 
-def test_save_and_load_keep_the_output_order(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_save_and_load_keep_the_output_order(tmp_path: Path) -> None:
     torch.manual_seed(3)
     model = nn.Sequential(nn.Linear(30, 40), nn.ReLU(), nn.Linear(40, 20))
     fresh = nn.Sequential(nn.Linear(30, 40), nn.ReLU(), nn.Linear(40, 20))
