@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,6 +25,7 @@ from stagecomp.calibration import (
     collect_gradient_moments,
     collect_statistics,
 )
+from stagecomp.changes import LayerChange, StepResult
 from stagecomp.data_aware import (
     check_variant,
     decompose_data_aware,
@@ -124,61 +125,6 @@ def _used_outside_forward(model: nn.Module) -> dict[str, str]:
                 others = ", ".join(n for n in names if n != owner)
                 reasons.setdefault(owner, f"its weight is shared with {others}")
     return reasons
-
-
-@dataclass
-class LayerChange:
-    """What one step did to one layer (or why it left it alone)."""
-
-    step: int
-    stage: int
-    name: str
-    method: str
-    ranks: tuple[int, ...] | None
-    params_before: int
-    params_after: int
-    macs_before: int | None = None
-    macs_after: int | None = None
-    weight_error: float | None = None
-    skipped: str | None = None
-    latency_before: float | None = None
-    latency_after: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        data = dict(self.__dict__)
-        data["ranks"] = list(self.ranks) if self.ranks is not None else None
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> LayerChange:
-        values = dict(data)
-        values["ranks"] = tuple(values["ranks"]) if values.get("ranks") is not None else None
-        return cls(**values)
-
-
-@dataclass
-class StepResult:
-    """The outcome of one ``compression_step()``.
-
-    Attributes:
-        step: 1-based number of the step that ran.
-        changes: One entry per layer of the step, skipped ones included.
-        replaced: The new modules by qualified name; their parameters are new
-            objects, so rebuild the optimizer (see ``new_parameters``).
-        macs_before / macs_after / params_before / params_after: Whole-model totals.
-    """
-
-    step: int
-    changes: list[LayerChange]
-    replaced: dict[str, nn.Module] = field(default_factory=dict)
-    macs_before: int | None = None
-    macs_after: int | None = None
-    params_before: int = 0
-    params_after: int = 0
-
-    def new_parameters(self) -> list[nn.Parameter]:
-        """Parameters created by this step (for adding to an existing optimizer)."""
-        return [p for module in self.replaced.values() for p in module.parameters()]
 
 
 @dataclass(frozen=True)

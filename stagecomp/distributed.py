@@ -15,21 +15,19 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
+from stagecomp.changes import LayerChange
 from stagecomp.errors import DistributedError, StagecompError
 from stagecomp.layer_shape import LayerShape
 from stagecomp.options import DecomposeOptions
 from stagecomp.recipe import apply_recipe, layer_entry, undo_recipe
 from stagecomp.surgery import get_module, replace_module
-
-if TYPE_CHECKING:
-    from stagecomp.compressor import LayerChange
 
 logger = logging.getLogger(__name__)
 
@@ -187,8 +185,6 @@ def shared_step(
             failed (naming it, the layer and the error), or when the ranks
             disagree on the step.
     """
-    from stagecomp.compressor import LayerChange
-
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     names = [target.name for _, target in chunk]
     # Agree on the step before any work: a rank with other arguments would mix models.
