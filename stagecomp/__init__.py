@@ -1,8 +1,19 @@
-"""stagecomp: multi-stage low-rank decomposition of trained PyTorch models."""
+"""stagecomp: multi-stage low-rank decomposition of trained PyTorch models.
+
+The names here are the public API in two tiers. What a user's loop needs: the
+Compressor and its settings (strategies, ``Calibration``, ``LatencyAware``,
+``DecomposeOptions``), ``save``/``load``, one-layer ``decompose``/``factorize``,
+``allocate_ranks``, the inference helpers and the errors. Extension points, documented
+on the "Extending" page: ``RankStrategy``/``RankRequest`` (a new rank strategy) and
+``MethodHandler``/``register_method`` (a new decomposition method), with the layer
+classes. Everything else is internal: importable, but free to change.
+"""
 
 from stagecomp import registry
 from stagecomp.calibration import LayerStatistics, collect_statistics
-from stagecomp.compressor import Compressor, LayerChange, StepResult
+from stagecomp.changes import LayerChange, StepResult
+from stagecomp.compressor import Compressor
+from stagecomp.config import Calibration
 from stagecomp.data_aware import decompose_data_aware
 from stagecomp.decompose import decompose, empty_layer
 from stagecomp.errors import (
@@ -30,10 +41,14 @@ from stagecomp.layers.tt_conv2d import TTConv2d
 from stagecomp.layers.tt_linear import TTLinear
 from stagecomp.layers.tucker2_conv2d import Tucker2Conv2d
 from stagecomp.memory_format import to_channels_last
+from stagecomp.methods import get_method, register_method
+from stagecomp.methods.base import MethodHandler
 from stagecomp.options import DecomposeOptions
 from stagecomp.registry import METHODS
 from stagecomp.serialization import load, save
 from stagecomp.stats import ModelStats, model_stats
+from stagecomp.plan import Plan, PlannedLayer
+from stagecomp.strategies.base import RankRequest, RankStrategy
 from stagecomp.strategies.data_aware import DataAware, allocate_ranks
 from stagecomp.strategies.manual import Manual
 from stagecomp.strategies.reduction import Reduction
@@ -46,6 +61,7 @@ __all__ = [
     "VBMF",
     "CP3Conv2d",
     "CP4Conv2d",
+    "Calibration",
     "CompressionFinishedError",
     "Compressor",
     "DataAware",
@@ -58,11 +74,16 @@ __all__ = [
     "LayerShape",
     "LayerStatistics",
     "Manual",
+    "MethodHandler",
     "ModelStats",
     "NoMatchingLayerError",
     "NonFiniteWeightError",
+    "Plan",
+    "PlannedLayer",
     "Rank",
     "RankError",
+    "RankRequest",
+    "RankStrategy",
     "RecipeError",
     "Reduction",
     "SVDConv2d",
@@ -82,8 +103,10 @@ __all__ = [
     "empty_layer",
     "factorize",
     "fold_batchnorm",
+    "get_method",
     "load",
     "model_stats",
+    "register_method",
     "registry",
     "save",
     "to_channels_last",

@@ -10,6 +10,7 @@ convolutions see every batch x spatial position as a sample of its channels.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 from stagecomp.errors import NoMatchingLayerError, StagecompError, UnsupportedLayerError
 from stagecomp.layer_shape import LayerShape
 from stagecomp.matching import check_keys
+from stagecomp.surgery import eval_mode
 
 logger = logging.getLogger(__name__)
 
@@ -222,7 +224,6 @@ def collect_statistics(
         )
     reference_modules = dict(reference.named_modules()) if reference is not None else {}
     handles = []
-    modes = [(m, m.training) for m in (model, reference) if m is not None]
     try:
         for name, acc in accumulators.items():
             handles.append(
@@ -238,21 +239,21 @@ def collect_statistics(
                         lambda _m, inputs, _output, acc=acc: acc.add_reference(inputs)
                     )
                 )
-        for module, _ in modes:
-            module.eval()
         source = itertools.islice(batches, max_batches) if max_batches else batches
         total = max_batches if max_batches else _length(batches)
-        for batch in tqdm(source, desc="calibration", total=total, disable=not progress):
-            if reference is not None:
-                run_batch(reference, batch, forward)
-            run_batch(model, batch, forward)
-            for acc in accumulators.values():
-                acc.pending.clear()
+        with contextlib.ExitStack() as modes:
+            for module in (model, reference):
+                if module is not None:
+                    modes.enter_context(eval_mode(module))
+            for batch in tqdm(source, desc="calibration", total=total, disable=not progress):
+                if reference is not None:
+                    run_batch(reference, batch, forward)
+                run_batch(model, batch, forward)
+                for acc in accumulators.values():
+                    acc.pending.clear()
     finally:
         for handle in handles:
             handle.remove()
-        for module, mode in modes:
-            module.train(mode)
     return {name: acc.result() for name, acc in accumulators.items()}
 
 
@@ -312,7 +313,6 @@ def collect_gradient_moments(
     captured: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     handles = []
     flags = [(p, p.requires_grad) for n in names for p in modules[n].parameters()]
-    was_training = model.training
     generator = torch.Generator().manual_seed(seed)
     batches_seen = 0
     try:
@@ -324,36 +324,38 @@ def collect_gradient_moments(
             )
         for param, _ in flags:
             param.requires_grad_(True)
-        model.eval()
-        for batch in tqdm(batches, desc="gradients", disable=not progress):
-            for values in captured.values():
-                values.clear()
-            with torch.enable_grad():
-                final = pick(run_batch(model, batch, forward))
-                outs = [o for n in names for o in captured[n]]
-                owners = [n for n in names for _ in captured[n]]
-                for probe in range(probes):
-                    r = torch.randn(final.shape, generator=generator).to(final)
-                    grads = torch.autograd.grad(
-                        (final * r).sum(), outs, retain_graph=probe + 1 < probes, allow_unused=True
-                    )
-                    for name, grad in zip(owners, grads, strict=True):
-                        if grad is None:
-                            continue
-                        rows = _Accumulator(name, shapes[name], False)._rows(
-                            grad, shapes[name].out_channels
+        with eval_mode(model):
+            for batch in tqdm(batches, desc="gradients", disable=not progress):
+                for values in captured.values():
+                    values.clear()
+                with torch.enable_grad():
+                    final = pick(run_batch(model, batch, forward))
+                    outs = [o for n in names for o in captured[n]]
+                    owners = [n for n in names for _ in captured[n]]
+                    for probe in range(probes):
+                        r = torch.randn(final.shape, generator=generator).to(final)
+                        grads = torch.autograd.grad(
+                            (final * r).sum(),
+                            outs,
+                            retain_graph=probe + 1 < probes,
+                            allow_unused=True,
                         )
-                        if name not in sums:
-                            sums[name] = rows.T @ rows
-                        else:
-                            sums[name].addmm_(rows.T, rows)
-            batches_seen += 1
+                        for name, grad in zip(owners, grads, strict=True):
+                            if grad is None:
+                                continue
+                            rows = _Accumulator(name, shapes[name], False)._rows(
+                                grad, shapes[name].out_channels
+                            )
+                            if name not in sums:
+                                sums[name] = rows.T @ rows
+                            else:
+                                sums[name].addmm_(rows.T, rows)
+                batches_seen += 1
     finally:
         for handle in handles:
             handle.remove()
         for param, flag in flags:
             param.requires_grad_(flag)
-        model.train(was_training)
     absent = [n for n in names if n not in sums]
     if absent:
         raise StagecompError(f"layers {absent} do not affect the model's output")

@@ -23,15 +23,13 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from stagecomp.calibration import LayerStatistics
 from stagecomp.decompose import empty_layer
-from stagecomp.errors import StagecompError, UnsupportedLayerError
+from stagecomp.errors import StagecompError
 from stagecomp.layer_shape import LayerShape
 from stagecomp.memory_format import to_channels_last
 from stagecomp.options import DecomposeOptions
 from stagecomp.registry import check_method, layer_class, methods_for
-from stagecomp.strategies.base import RankRequest, RankStrategy
-from stagecomp.strategies.manual import Manual
+from stagecomp.surgery import eval_mode
 from stagecomp.timing import forward_latency
 
 logger = logging.getLogger(__name__)
@@ -205,17 +203,13 @@ def layer_inputs(
     for name, module in model.named_modules():
         if name in wanted:
             handles.append(module.register_forward_pre_hook(hook_for(name)))
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             inputs = example_input if isinstance(example_input, tuple) else (example_input,)
             model(*inputs)
     finally:
         for handle in handles:
             handle.remove()
-        for module, mode in modes.items():
-            module.train(mode)
     return shapes
 
 
@@ -231,18 +225,27 @@ class LatencyChooser:
         self.inputs = inputs
         self._cache: dict[tuple[Any, ...], float] = {}
 
+    def candidate_methods(self, shape: LayerShape, pinned: str | None) -> tuple[str, ...]:
+        """The methods to try on a layer of ``shape`` (only ``pinned`` when one is named)."""
+        if pinned is not None:
+            return (pinned,)
+        if self.config.methods is not None:
+            return tuple(m for m in self.config.methods if m in methods_for(shape))
+        return methods_for(shape)
+
     def choose(
         self,
         name: str,
         module: nn.Module,
-        strategy: RankStrategy,
-        stage: int,
-        stages: int,
+        proposals: Sequence[tuple[str, tuple[int, ...]]],
         options: DecomposeOptions,
-        pinned: str | None = None,
-        statistics: LayerStatistics | None = None,
+        allows_growth: bool = False,
     ) -> LatencyChoice:
-        """The fastest of the layer as it is and each candidate decomposition."""
+        """The fastest of the layer as it is and each proposed ``(method, ranks)``.
+
+        The proposals are the strategy's ranks for each candidate method, computed once
+        by the caller; each is also tried rounded up to ``round_to``.
+        """
         shape = LayerShape.from_module(module, name)
         if name not in self.inputs:
             reason = (
@@ -258,7 +261,7 @@ class LatencyChooser:
         current_s = self._time(current, module, options)
         timings: list[tuple[Candidate, float]] = [(current, current_s)]
         for candidate in self._candidates(
-            name, module, shape, strategy, stage, stages, options, pinned, current, statistics
+            module, shape, proposals, options, current, allows_growth
         ):
             timings.append((candidate, self._time(candidate, module, options)))
         best: tuple[Candidate, float] | None = None
@@ -293,35 +296,16 @@ class LatencyChooser:
 
     def _candidates(
         self,
-        name: str,
         module: nn.Module,
         shape: LayerShape,
-        strategy: RankStrategy,
-        stage: int,
-        stages: int,
+        proposals: Sequence[tuple[str, tuple[int, ...]]],
         options: DecomposeOptions,
-        pinned: str | None,
         current: Candidate,
-        statistics: LayerStatistics | None = None,
+        allows_growth: bool,
     ) -> list[Candidate]:
-        if pinned is not None:
-            methods: Sequence[str] = (pinned,)
-        elif self.config.methods is not None:
-            methods = [m for m in self.config.methods if m in methods_for(shape)]
-        else:
-            methods = methods_for(shape)
-        current_params = sum(p.numel() for p in module.parameters())
         found: list[Candidate] = []
-        for method in methods:
-            cls = layer_class(method, shape, name)
-            try:
-                cls.check_supported(shape, options, name)
-                ranks = strategy.choose_ranks(
-                    RankRequest(name, cls, shape, module, stage, stages, options, statistics)
-                )
-            except (UnsupportedLayerError, ValueError) as error:
-                logger.debug("%s: %s is no candidate: %s", name, method, error)
-                continue
+        for method, ranks in proposals:
+            cls = layer_class(method, shape, current.name)
             variants = [ranks]
             if self.config.round_to is not None:
                 rounded = round_up_ranks(ranks, cls.full_rank(shape, options), self.config.round_to)
@@ -331,11 +315,11 @@ class LatencyChooser:
                 if isinstance(module, cls) and module.ranks == variant:
                     continue  # that is the layer as it is
                 params = cls.param_count(shape, variant, options)
-                if params >= current_params and not isinstance(strategy, Manual):
+                if params >= current.params and not allows_growth:
                     continue
                 found.append(
                     Candidate(
-                        name,
+                        current.name,
                         method,
                         variant,
                         shape,
@@ -383,13 +367,8 @@ class LatencyChooser:
             x = x.contiguous(memory_format=torch.channels_last)
             if not current:
                 to_channels_last(layer)
-        modes = {m: m.training for m in layer.modules()}
-        layer.eval()
-        try:
+        with eval_mode(layer):
             seconds = fastest_run(layer, x, self.config.warmup, self.config.repeats)
-        finally:
-            for sub, mode in modes.items():
-                sub.train(mode)
         self._cache[key] = seconds
         return seconds
 

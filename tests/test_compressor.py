@@ -122,12 +122,18 @@ def test_bad_arguments_are_clear_errors() -> None:
         c.compression_step()
 
 
-def test_failed_step_leaves_model_unchanged() -> None:
-    model, c = make(
-        strategy="manual", ranks={"features.0": 2, "features.3": 999}, layers_per_step=2
-    )
+def test_failed_step_leaves_model_unchanged(monkeypatch: pytest.MonkeyPatch) -> None:
+    model, c = make(strategy="manual", ranks={"features.0": 2, "features.3": 3}, layers_per_step=2)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(sc.RankError):
+    real = sc.Tucker2Conv2d.from_module.__func__  # type: ignore[attr-defined]
+
+    def fail_on_second(cls, module, rank, options=None, name=None):  # type: ignore[no-untyped-def]
+        if name == "features.3":
+            raise sc.RankError("injected failure")
+        return real(cls, module, rank, options, name)
+
+    monkeypatch.setattr(sc.Tucker2Conv2d, "from_module", classmethod(fail_on_second))
+    with pytest.raises(sc.RankError, match="injected"):
         c.compression_step()
     assert isinstance(model.features[0], nn.Conv2d)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -323,7 +323,7 @@ def test_compressor_data_aware_beats_weight_only_and_keeps_save_load(tmp_path) -
 
 
 def test_compressor_recollects_statistics_after_each_step(monkeypatch) -> None:
-    import stagecomp.compressor as compressor_module
+    import stagecomp.step_statistics as compressor_module
 
     seen: list[tuple[list[str], bool]] = []
     original = compressor_module.collect_statistics
@@ -349,7 +349,7 @@ def test_compressor_recollects_statistics_after_each_step(monkeypatch) -> None:
 
 
 def test_compressor_checks_data_aware_arguments() -> None:
-    with pytest.raises(sc.StagecompError, match="needs calibration"):
+    with pytest.raises(sc.StagecompError, match="need calibration"):
         sc.Compressor(_Tiny(), data_aware="whiten")
     with pytest.raises(sc.StagecompError, match="variant 'pca'"):
         sc.Compressor(_Tiny(), data_aware="pca", calibration=[])

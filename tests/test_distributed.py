@@ -25,6 +25,7 @@ from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import stagecomp as sc
+import stagecomp.compressor as compressor_module
 from stagecomp.digits import DigitsCNN, DigitsData, load_digits_data
 from stagecomp.distributed import (
     assert_same_parameters,
@@ -175,20 +176,20 @@ def _worker(rank: int, port: int, out: str, data: DigitsData) -> None:
         model = _model()
         compressor = _compressor(model)
         decomposed_here: list[str] = []
-        compress = compressor._compress_layer
+        compress = compressor_module.run_layer_job
 
-        def counting(step: int, stage: int, target: Any, *rest: Any) -> Any:
+        def counting(module: Any, target: Any, *rest: Any) -> Any:
             decomposed_here.append(target.name)
-            return compress(step, stage, target, *rest)
+            return compress(module, target, *rest)
 
-        def failing(step: int, stage: int, target: Any, *rest: Any) -> Any:
+        def failing(module: Any, target: Any, *rest: Any) -> Any:
             if rank == 1:
                 raise RuntimeError(f"injected failure at {target.name}")
-            return counting(step, stage, target, *rest)
+            return counting(module, target, *rest)
 
         # A failure on one rank: every rank raises and keeps the model as it was.
         before = parameters_digest(model)
-        compressor._compress_layer = failing  # type: ignore[method-assign]
+        compressor_module.run_layer_job = failing  # type: ignore[assignment]
         try:
             compressor.compression_step()
         except Exception as error:
@@ -205,7 +206,7 @@ def _worker(rank: int, port: int, out: str, data: DigitsData) -> None:
             results["disagreement"] = (type(error).__name__, str(error))
         results["unchanged_after_disagreement"] = parameters_digest(model) == before
 
-        compressor._compress_layer = counting  # type: ignore[method-assign]
+        compressor_module.run_layer_job = counting  # type: ignore[assignment]
         step1 = compressor.compression_step()
         assert_same_parameters(model)
         results["step1_local"] = list(decomposed_here)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import torch
 from torch import nn
@@ -71,6 +71,9 @@ class DataAware:
     """
 
     tolerance: float = 0.1
+
+    needs_calibration: ClassVar[bool] = True
+    """Ranks come from the layer's calibration statistics."""
 
     def __post_init__(self) -> None:
         if (

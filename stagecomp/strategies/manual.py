@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import operator
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
-from stagecomp.layers.base import Rank
+from stagecomp.layer_shape import LayerShape
+from stagecomp.layers.base import DecomposedLayer, Rank
+from stagecomp.options import DecomposeOptions
 from stagecomp.strategies.base import RankRequest
 from stagecomp.strategies.reduction import ranks_for_reduction
 
@@ -25,10 +30,22 @@ class Manual:
 
     rank: Rank | None = None
 
+    allows_growth: ClassVar[bool] = True
+    """Manual ranks are what the user asked for, even where the layer would grow."""
+
+    def unavailable_reason(self) -> str | None:
+        """Why this strategy sizes no layer: no rank given for it."""
+        if self.rank is None:
+            return (
+                "no manual rank given: name the layer in ranks={name: rank} or pass "
+                "Manual(rank=N) as the strategy"
+            )
+        return None
+
     def choose_ranks(self, request: RankRequest) -> tuple[int, ...]:
         if self.rank is None:
             raise ValueError(f"layer {request.name!r} has no manual rank")
-        target = request.cls.normalize_rank(request.shape, self.rank, request.options, request.name)
+        target = self.final_ranks(request.cls, request.shape, request.options, request.name)
         if request.stage + 1 >= request.stages:
             return target
         dense = request.shape.dense_params
@@ -36,6 +53,22 @@ class Manual:
         rate = (dense / final) ** ((request.stage + 1) / request.stages)
         path = ranks_for_reduction(request.cls, request.shape, rate, request.options, request.name)
         return tuple(max(p, t) for p, t in zip(path, target, strict=True))
+
+    def final_ranks(
+        self,
+        cls: type[DecomposedLayer],
+        shape: LayerShape,
+        options: DecomposeOptions,
+        name: str | None = None,
+    ) -> tuple[int, ...]:
+        """The ranks of the last stage: one integer caps every rank at the layer's full
+        rank (so ``Manual(rank=64)`` also serves layers with fewer channels); a tuple is
+        taken exactly."""
+        rank = self.rank
+        whole = not isinstance(rank, (Sequence, bool)) and hasattr(rank, "__index__")
+        if whole and operator.index(rank) >= 1:  # type: ignore[arg-type]
+            rank = min(operator.index(rank), max(cls.full_rank(shape, options)))  # type: ignore[arg-type]
+        return cls.normalize_rank(shape, rank, options, name)  # type: ignore[arg-type]
 
     def to_dict(self) -> dict[str, object]:
         rank = list(self.rank) if isinstance(self.rank, (tuple, list)) else self.rank

@@ -1,0 +1,336 @@
+"""The plan of a run: which layers, with which method and strategy, in which steps.
+
+Computed once when the Compressor is built, from the model and the settings, so that it
+can be read before anything is decomposed (``print(compressor.plan)``), and saved with
+the run's state. Every layer the model has that could be decomposed is either a target
+or in ``skipped`` with the reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from stagecomp.errors import NoMatchingLayerError, StagecompError, UnsupportedLayerError
+from stagecomp.layer_shape import LayerShape
+from stagecomp.layers.base import DecomposedLayer, Rank
+from stagecomp.matching import check_keys, key_matches, lookup, select
+from stagecomp.methods import check_method, default_method, get_method
+from stagecomp.options import DecomposeOptions
+from stagecomp.strategies import Manual, RankStrategy, unavailable_reason
+from stagecomp.strategies.reduction import rank_at_step
+
+LayerRank = Rank | RankStrategy | None
+"""A ``ranks=`` value: manual ranks, a strategy for that layer, or ``None`` to leave it."""
+
+WEIGHT = "weight"
+"""The ``factors`` of a layer whose factors are fitted to its weights alone."""
+
+ORDERS = ("model", "macs")
+
+
+@dataclass(frozen=True)
+class PlannedLayer:
+    """One target layer and how it is compressed.
+
+    Attributes:
+        name: Qualified name in the model.
+        method: The decomposition method (a latency-aware run may pick another one).
+        strategy: The rank strategy for this layer.
+        factors: ``"weight"``, or the data-aware variant its factors are fitted with.
+        pinned: The method was named for this layer in ``methods=`` (a latency-aware run
+            then tries only that method).
+        note: Why the settings asked for differs from what is planned (e.g. a method
+            without data-aware factors), or ``None``.
+    """
+
+    name: str
+    method: str
+    strategy: RankStrategy
+    factors: str = WEIGHT
+    pinned: bool = False
+    note: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "method": self.method,
+            "strategy": self.strategy.to_dict(),
+            "factors": self.factors,
+            "pinned": self.pinned,
+            "note": self.note,
+        }
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Targets in order, skipped layers with reasons, and the steps.
+
+    Attributes:
+        targets: The layers to compress, in the order of one stage.
+        skipped: Every other decomposable layer, with the reason.
+        steps: Per step, the ``(stage, layer)`` pairs it compresses.
+    """
+
+    targets: tuple[PlannedLayer, ...]
+    skipped: Mapping[str, str]
+    steps: tuple[tuple[tuple[int, PlannedLayer], ...], ...]
+
+    def signature(self) -> list[list[list[Any]]]:
+        """``[[stage, name, method], ...]`` per step: what must match to resume a run."""
+        return [[[stage, t.name, t.method] for stage, t in step] for step in self.steps]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "targets": [t.to_dict() for t in self.targets],
+            "skipped": dict(self.skipped),
+            "steps": self.signature(),
+        }
+
+    def __str__(self) -> str:
+        return _format_plan(self)
+
+
+def decomposable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every Linear, Conv2d and decomposed layer, not counting the insides of decomposed ones."""
+    found: list[tuple[str, nn.Module]] = []
+    inside: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix + ".") for prefix in inside):
+            continue
+        if isinstance(module, DecomposedLayer):
+            inside.append(name)
+            found.append((name, module))
+        elif isinstance(module, (nn.Linear, nn.Conv2d)) and name:
+            found.append((name, module))
+    return found
+
+
+def used_outside_forward(model: nn.Module) -> dict[str, str]:
+    """Layers that other code reads by weight, so replacing them would change nothing or break.
+
+    ``nn.MultiheadAttention`` reads ``out_proj.weight`` directly, and a weight tied to
+    another module (e.g. an embedding) would be untied by a replacement.
+    """
+    reasons: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention):
+            prefix = f"{name}." if name else ""
+            reasons[f"{prefix}out_proj"] = (
+                "nn.MultiheadAttention uses this layer's weight directly, not its forward"
+            )
+    owners: dict[int, list[str]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for param in module.parameters(recurse=False):
+            owners.setdefault(id(param), []).append(module_name)
+    for names in owners.values():
+        if len(set(names)) > 1:
+            for owner in names:
+                others = ", ".join(n for n in names if n != owner)
+                reasons.setdefault(owner, f"its weight is shared with {others}")
+    return reasons
+
+
+def check_rank_value(name: str, value: object) -> None:
+    """Refuse a ``ranks=`` value that is neither ranks, a strategy nor ``None``."""
+    if value is None or (hasattr(value, "choose_ranks") and not isinstance(value, type)):
+        return
+    if isinstance(value, type):
+        raise StagecompError(
+            f"ranks[{name!r}] is the class {value.__name__}; pass an instance, e.g. "
+            f"{value.__name__}(...)"
+        )
+    values = list(value) if isinstance(value, Sequence) and not isinstance(value, str) else [value]
+    for v in values:
+        if isinstance(v, (bool, str, bytes, float)) or not hasattr(v, "__index__"):
+            raise StagecompError(
+                f"ranks[{name!r}]={value!r} is not allowed; expected an integer, a tuple of "
+                "integers, a strategy object (e.g. stagecomp.Reduction(4.0)) or None"
+            )
+
+
+def build_plan(
+    model: nn.Module,
+    *,
+    strategy: RankStrategy,
+    ranks: Mapping[str, LayerRank],
+    exclude: Sequence[str],
+    methods: Mapping[str, str],
+    factors: str | Mapping[str, str | None] | None,
+    options: DecomposeOptions,
+    stages: int,
+    layers_per_step: int,
+    order: str,
+    layer_macs: Mapping[str, int] | None,
+    calibrated: bool,
+) -> Plan:
+    """The plan for ``model`` under these settings (see ``Compressor`` for their meaning).
+
+    Raises:
+        NoMatchingLayerError: a key matches no layer, or no layer can be compressed.
+        StagecompError: an invalid value, named with its layer.
+    """
+    candidates = decomposable_layers(model)
+    names = [name for name, _ in candidates]
+    check_keys(ranks, names, "ranks")
+    check_keys(exclude, names, "exclude")
+    check_keys(methods, names, "methods")
+    for method in methods.values():
+        check_method(method)
+    for key, value in ranks.items():
+        check_rank_value(key, value)
+    if isinstance(factors, Mapping):
+        check_keys(factors, names, "calibration factors")
+    if order not in ORDERS:
+        raise StagecompError(f"order={order!r} is not allowed; expected one of {ORDERS}")
+    if order == "macs" and layer_macs is None:
+        raise StagecompError("order='macs' needs example_input to count MACs")
+
+    excluded = set(select(names, exclude))
+    fixed = used_outside_forward(model)
+    targets: list[PlannedLayer] = []
+    skipped: dict[str, str] = {}
+    for name, module in candidates:
+        reason = fixed.get(name)
+        if reason is None and name in excluded:
+            reason = "excluded"
+        layer_strategy = _strategy_for(ranks, strategy, name)
+        if reason is None and layer_strategy is None:
+            reason = "excluded (rank None)"
+        if reason is None and layer_strategy is not None:
+            reason = unavailable_reason(layer_strategy)
+        planned = None
+        if reason is None and layer_strategy is not None:
+            planned = _planned_layer(
+                name, module, layer_strategy, methods, factors, options, calibrated
+            )
+            if isinstance(planned, str):
+                reason, planned = planned, None
+        if planned is None:
+            skipped[name] = reason or "skipped"
+        else:
+            targets.append(planned)
+    if not targets:
+        raise NoMatchingLayerError(
+            "no layer of the model can be compressed: "
+            + ("; ".join(f"{n}: {r}" for n, r in skipped.items()) or "it has none")
+        )
+    if order == "macs" and layer_macs is not None:
+        targets.sort(key=lambda t: -layer_macs.get(t.name, 0))
+    flat = [(stage, t) for stage in range(stages) for t in targets]
+    steps = tuple(
+        tuple(flat[i : i + layers_per_step]) for i in range(0, len(flat), layers_per_step)
+    )
+    return Plan(tuple(targets), skipped, steps)
+
+
+def _strategy_for(
+    ranks: Mapping[str, LayerRank], strategy: RankStrategy, name: str
+) -> RankStrategy | None:
+    found, value = lookup(ranks, name)
+    if not found:
+        return strategy
+    if value is None:
+        return None
+    if hasattr(value, "choose_ranks"):
+        return value  # type: ignore[return-value]
+    return Manual(rank=value)  # type: ignore[arg-type]
+
+
+def _method_for(methods: Mapping[str, str], name: str, shape: LayerShape) -> tuple[str, bool]:
+    """The method for a layer and whether it was named for it.
+
+    An exact name is taken as asked (an unsupported layer is then skipped with the
+    reason); a pattern sets the method of the layers it can decompose, and the others
+    keep the default (``methods={"*": "cp3"}`` leaves Linear layers to SVD).
+    """
+    if name in methods:
+        return methods[name], True
+    chosen: str | None = None
+    for key, method in methods.items():
+        if key_matches(key, name) and shape.kind in get_method(method).kinds:
+            chosen = method
+    if chosen is None:
+        return default_method(shape), False
+    return chosen, True
+
+
+def _planned_layer(
+    name: str,
+    module: nn.Module,
+    strategy: RankStrategy,
+    methods: Mapping[str, str],
+    factors: str | Mapping[str, str | None] | None,
+    options: DecomposeOptions,
+    calibrated: bool,
+) -> PlannedLayer | str:
+    """The planned layer, or the reason it is skipped."""
+    try:
+        shape = LayerShape.from_module(module, name)
+    except UnsupportedLayerError as error:
+        return str(error)
+    if shape.kind == "conv2d" and min(shape.in_per_group, shape.out_per_group) == 1:
+        return (
+            "one input or output channel per group (depthwise or single-channel): "
+            "nothing to factorise"
+        )
+    method, pinned = _method_for(methods, name, shape)
+    handler = get_method(method)
+    try:
+        cls = handler.layer_class(shape, name)
+        cls.check_supported(shape, options, name)
+    except UnsupportedLayerError as error:
+        return str(error)
+    smallest = cls.param_count(shape, rank_at_step(cls.full_rank(shape, options), 1), options)
+    if smallest >= shape.dense_params:
+        return (
+            f"too small: even rank 1 with {method} has {smallest} >= "
+            f"{shape.dense_params} parameters"
+        )
+    if isinstance(strategy, Manual) and strategy.rank is not None:
+        strategy.final_ranks(cls, shape, options, name)  # a bad rank fails now, not at its step
+    variant = lookup(factors, name)[1] if isinstance(factors, Mapping) else factors
+    note = None
+    if variant is not None and not calibrated:
+        variant = None
+    if variant is not None and not handler.supports_data_aware(shape):
+        note = f"{method} has no data-aware factors here: weight-only factors"
+        variant = None
+    return PlannedLayer(name, method, strategy, variant or WEIGHT, pinned, note)
+
+
+def _format_plan(plan: Plan) -> str:
+    lines = [
+        f"plan: {len(plan.targets)} target layers in {len(plan.steps)} step(s)",
+    ]
+    for index, step in enumerate(plan.steps, start=1):
+        names = ", ".join(
+            f"{t.name} ({t.method}{'' if t.factors == WEIGHT else ', ' + t.factors}"
+            f"{', stage ' + str(stage + 1) if stage else ''})"
+            for stage, t in step
+        )
+        lines.append(f"  step {index}: {names}")
+    notes = [(t.name, t.note) for t in plan.targets if t.note]
+    if notes:
+        lines.append("notes:")
+        lines.extend(f"  {name}: {note}" for name, note in notes)
+    if plan.skipped:
+        lines.append("skipped:")
+        lines.extend(f"  {name}: {reason}" for name, reason in plan.skipped.items())
+    return "\n".join(lines)
+
+
+__all__ = [
+    "ORDERS",
+    "WEIGHT",
+    "LayerRank",
+    "Plan",
+    "PlannedLayer",
+    "build_plan",
+    "check_rank_value",
+    "decomposable_layers",
+    "used_outside_forward",
+]
