@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from stagecomp.errors import StagecompError
+from stagecomp.methods import methods_for_kind
 from stagecomp.report import format_count as _human
 from stagecomp.report import format_ratio as _ratio
 
@@ -610,13 +611,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compress.add_argument(
         "--conv-method",
-        choices=("tucker2", "cp3", "cp4", "tt", "svd", "svd_id"),
+        choices=methods_for_kind("conv2d"),
         default="tucker2",
         help="method for kxk convolutions (1x1 convolutions use svd)",
     )
     compress.add_argument(
         "--linear-method",
-        choices=("svd", "svd_id", "tt"),
+        choices=methods_for_kind("linear"),
         default="svd",
         help="method for Linear layers",
     )

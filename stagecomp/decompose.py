@@ -7,8 +7,8 @@ from torch import nn
 
 from stagecomp.layer_shape import LayerShape
 from stagecomp.layers.base import DecomposedLayer, Rank
+from stagecomp.methods import layer_class
 from stagecomp.options import DecomposeOptions
-from stagecomp.registry import layer_class
 
 
 def decompose(
@@ -23,7 +23,7 @@ def decompose(
 
     Args:
         module: An nn.Linear, nn.Conv2d or a layer stagecomp already decomposed.
-        method: One of ``stagecomp.METHODS`` ("svd", "tucker2", "cp3", "cp4", "tt").
+        method: One of ``stagecomp.METHODS`` (what each does: ``stagecomp.methods``).
         rank: One int (a cap on every rank of the method) or one int per rank:
             ``(r_out, r_in)`` for Tucker2, the TT bond ranks for TT.
         options: Algorithm settings (seed, solver, iterations, TT modes).

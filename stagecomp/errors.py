@@ -42,3 +42,7 @@ class RecipeError(StagecompError, ValueError):
 
 class DistributedError(StagecompError, RuntimeError):
     """Another rank failed a shared step, or the ranks do not hold the same model."""
+
+
+class MethodRegistrationError(StagecompError, ValueError):
+    """A method handler cannot be registered: its name or one of its layer classes is taken."""

@@ -23,8 +23,8 @@ from stagecomp.errors import RankError, StagecompError, UnsupportedLayerError
 from stagecomp.layer_shape import LayerShape
 from stagecomp.layers.base import DecomposedLayer, Rank
 from stagecomp.matching import check_keys, key_matches, lookup, select
+from stagecomp.methods import check_method, layer_class
 from stagecomp.options import DecomposeOptions
-from stagecomp.registry import check_method, layer_class
 from stagecomp.surgery import replace_module
 
 logger = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def factorize(
 
     Args:
         model: Modified in place.
-        method: One of ``stagecomp.METHODS`` ("svd", "tucker2", "cp3", "cp4", "tt").
+        method: One of ``stagecomp.METHODS`` (what each does: ``stagecomp.methods``).
         rank: One int (a cap on every rank), one int per rank, or a mapping from
             layer names or patterns to such ranks. With a mapping and no
             ``targets``, the mapping's keys choose the layers.

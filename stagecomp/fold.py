@@ -3,9 +3,10 @@
 In eval mode ``bn(conv(x)) = a * conv(x) + b`` per output channel, with
 ``a = gamma / sqrt(running_var + eps)`` and ``b = beta - a * running_mean``. Scaling
 the output channels of a convolution is exact for a dense conv, and for a decomposed
-conv whose last factor is a convolution producing the output channels (SVD, Tucker2,
-CP3, CP4): only that last factor and the bias change. A TT convolution's output
-channels are spread over several cores, so it is left alone.
+conv whose last factor is a convolution producing the output channels (its method's
+handler names it: ``MethodHandler.fold_target``): only that last factor and the bias
+change. Other layers (a TT convolution spreads its output channels over several
+cores) are left alone.
 
 Adjacency comes from a ``torch.fx`` trace with stagecomp's layers kept whole: a pair
 is folded only when the BatchNorm's single input is the convolution's output and
@@ -23,10 +24,7 @@ from torch import nn
 
 from stagecomp.errors import StagecompError
 from stagecomp.layers.base import DecomposedLayer
-from stagecomp.layers.cp3_conv2d import CP3Conv2d
-from stagecomp.layers.cp4_conv2d import CP4Conv2d
-from stagecomp.layers.svd_conv2d import SVDConv2d
-from stagecomp.layers.tucker2_conv2d import Tucker2Conv2d
+from stagecomp.methods import handler_of
 from stagecomp.surgery import get_module, replace_module
 
 logger = logging.getLogger(__name__)
@@ -43,10 +41,8 @@ def _output_conv(module: nn.Module) -> nn.Conv2d | None:
     """The convolution whose output channels are the layer's output, where folding is exact."""
     if type(module) is nn.Conv2d:
         return module
-    if isinstance(module, SVDConv2d):
-        return module.second
-    if isinstance(module, (Tucker2Conv2d, CP3Conv2d, CP4Conv2d)):
-        return module.last
+    if isinstance(module, DecomposedLayer):
+        return handler_of(module).fold_target(module)
     return None
 
 
@@ -92,10 +88,10 @@ def _fold_pair(conv_layer: nn.Module, target: nn.Conv2d, bn: nn.BatchNorm2d) -> 
 def fold_batchnorm(model: nn.Module) -> list[tuple[str, str]]:
     """Merge every eval-mode BatchNorm2d into the convolution it directly follows, in place.
 
-    Works on dense ``nn.Conv2d`` and on SVD, Tucker2, CP3 and CP4 convolutions (their
-    last factor absorbs the scale and shift). Each folded BatchNorm becomes
-    ``nn.Identity``; outputs are unchanged up to float rounding. Call it after
-    compression and fine-tuning, on a model in eval mode.
+    Works on dense ``nn.Conv2d`` and on decomposed convolutions whose method has a
+    ``fold_target`` (e.g. SVD, Tucker2, CP: their last factor absorbs the scale and
+    shift). Each folded BatchNorm becomes ``nn.Identity``; outputs are unchanged up to
+    float rounding. Call it after compression and fine-tuning, on a model in eval mode.
 
     Args:
         model: The model, changed in place. It must be traceable by ``torch.fx``.

@@ -1,6 +1,6 @@
 """Contract tests run over every layer class in the registry.
 
-A new decomposition is covered by adding it to ``stagecomp.registry``: these
+A new decomposition is covered by registering its handler in ``stagecomp.methods``: these
 tests then check it is exact at full rank on random geometries, predicts its
 own parameter count, keeps dtype/device/mode, and rejects bad ranks.
 """

@@ -22,6 +22,13 @@ from stagecomp.options import DecomposeOptions
 if TYPE_CHECKING:
     from stagecomp.calibration import LayerStatistics
 
+DATA_AWARE_VARIANTS = ("whiten", "output", "gradient")
+"""The calibration ``factors`` variants: ``"whiten"``: SVD-LLM's whitened SVD (input
+second moment); ``"output"``: falor's centred output covariance with the mean moved
+into the bias; ``"gradient"``: the whitened SVD also weighted on the output side by
+the moment of the final output's gradients (needs ``LayerStatistics.gradient_moment``).
+A handler lists those it has in ``data_aware_variants``."""
+
 
 class MethodHandler:
     """One decomposition method: subclass it and register it with ``register_method``.
@@ -32,12 +39,16 @@ class MethodHandler:
         summary: One line for the CLI's help and the docs' method table.
         data_aware_variants: The calibration ``factors`` variants this method has
             data-aware factors for (empty: weight-only factors only).
+        truncated_svd: Its layers are one truncated SVD of each group's weight matrix
+            (one rank), so the whitened spectrum gives their exact output error at
+            every rank: what ``allocate_ranks`` budgets with.
     """
 
     name: ClassVar[str]
     layer_classes: ClassVar[tuple[type[DecomposedLayer], ...]]
     summary: ClassVar[str] = ""
     data_aware_variants: ClassVar[tuple[str, ...]] = ()
+    truncated_svd: ClassVar[bool] = False
 
     # ------------------------------------------------------------------ layers
     @property
@@ -61,6 +72,10 @@ class MethodHandler:
             return False
         cls = self.layer_class(shape)
         return cls.unsupported_reason(shape, options or DecomposeOptions()) is None
+
+    def is_default_for(self, shape: LayerShape) -> bool:
+        """True when this is the method for ``shape`` where the user names none."""
+        return False
 
     # ------------------------------------------------------------------ ranks
     def spectral_matrices(
@@ -98,6 +113,20 @@ class MethodHandler:
         the statistics' device; the caller moves it to the module's device and dtype)."""
         raise UnsupportedLayerError(
             f"{describe(shape, name)}: method {self.name!r} has no data-aware factors"
+        )
+
+    def data_aware_ranks(
+        self,
+        module: nn.Module,
+        shape: LayerShape,
+        statistics: LayerStatistics,
+        tolerance: float,
+        name: str | None,
+    ) -> tuple[int, ...]:
+        """The smallest ranks (not yet normalized) whose relative error on the calibration
+        data stays within ``tolerance``: the ``DataAware`` strategy's per-layer budget."""
+        raise UnsupportedLayerError(
+            f"{describe(shape, name)}: method {self.name!r} has no data-aware ranks"
         )
 
     # ------------------------------------------------------------------ inference

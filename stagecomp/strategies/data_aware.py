@@ -48,8 +48,8 @@ from stagecomp.decompositions.data_aware import weighted_spectrum
 from stagecomp.errors import RankError, StagecompError, UnsupportedLayerError
 from stagecomp.layer_shape import LayerShape
 from stagecomp.layers.base import DecomposedLayer, describe
+from stagecomp.methods import METHODS, get_method
 from stagecomp.options import DecomposeOptions
-from stagecomp.registry import layer_class
 from stagecomp.surgery import eval_mode, get_module, replace_module
 
 if TYPE_CHECKING:
@@ -94,43 +94,19 @@ class DataAware:
                 "pass Compressor(..., calibration=batches)"
             )
         shape = request.shape
-        if request.cls.method in SVD_METHODS and (shape.kind == "linear" or shape.is_pointwise):
-            curve = output_error_curve(request.module, stats)
-            rank = int((curve <= self.tolerance).nonzero()[0])
-            return request.cls.normalize_rank(shape, max(rank, 1), request.options, request.name)
-        if request.cls.method == "tucker2":
-            covariance = stats.output_covariance()
-            if covariance is None:
-                raise StagecompError(
-                    f"layer {request.name!r}: DataAware Tucker2 ranks need output statistics"
-                )
-            ranks = (
-                _energy_rank(covariance, shape.groups, self.tolerance),
-                _energy_rank(stats.input_moment, shape.groups, self.tolerance),
+        handler = get_method(request.cls.method)
+        if not handler.supports_data_aware(shape):
+            here = [m for m in METHODS if get_method(m).supports_data_aware(shape)]
+            raise UnsupportedLayerError(
+                f"{describe(shape, request.name)}: the DataAware strategy sizes layers whose "
+                f"method has data-aware factors ({', '.join(here) or 'none'} here), not "
+                f"{request.cls.method!r}"
             )
-            return request.cls.normalize_rank(shape, ranks, request.options, request.name)
-        raise UnsupportedLayerError(
-            f"{describe(shape, request.name)}: the DataAware strategy sizes 'svd' and 'svd_id' "
-            f"(Linear, 1x1 conv) and 'tucker2' layers, not {request.cls.method!r}"
-        )
+        ranks = handler.data_aware_ranks(request.module, shape, stats, self.tolerance, request.name)
+        return request.cls.normalize_rank(shape, ranks, request.options, request.name)
 
     def to_dict(self) -> dict[str, object]:
         return {"strategy": "data_aware", "tolerance": self.tolerance}
-
-
-def _energy_rank(moment: torch.Tensor, groups: int, tolerance: float) -> int:
-    """Smallest rank keeping ``1 - tolerance^2`` of every group's channel energy."""
-    size = moment.shape[0] // groups
-    best = 1
-    for g in range(groups):
-        block = moment[g * size : (g + 1) * size, g * size : (g + 1) * size]
-        values = torch.linalg.eigvalsh((block + block.T) / 2).flip(0).clamp_min(0)
-        total = float(values.sum())
-        if total <= 0:
-            continue
-        tail = 1 - values.cumsum(0) / total
-        best = max(best, int((tail <= tolerance**2).nonzero()[0]) + 1)
-    return best
 
 
 def allocate_ranks(
@@ -260,11 +236,12 @@ def _layer_costs(
     """A layer's parameters and predicted cost at every rank."""
     module = get_module(model, name)
     shape = LayerShape.from_module(module, name)
-    if not (shape.kind == "linear" or shape.is_pointwise):
+    handler = get_method(method)
+    if not handler.supports_data_aware(shape):
         raise UnsupportedLayerError(
             f"{describe(shape, name)}: allocate_ranks sizes SVD layers (Linear, 1x1 conv)"
         )
-    cls = layer_class(method, shape, name)
+    cls = handler.layer_class(shape, name)
     full = cls.full_rank(shape, options)[0]
     params = torch.tensor(
         [cls.param_count(shape, (r,), options) for r in range(1, full + 1)], dtype=torch.float64
