@@ -41,13 +41,12 @@ from stagecomp.layers.tt_conv2d import TTConv2d
 from stagecomp.layers.tt_linear import TTLinear
 from stagecomp.layers.tucker2_conv2d import Tucker2Conv2d
 from stagecomp.memory_format import to_channels_last
-from stagecomp.methods import get_method, register_method
+from stagecomp.methods import METHODS, get_method, register_method
 from stagecomp.methods.base import MethodHandler
 from stagecomp.options import DecomposeOptions
-from stagecomp.registry import METHODS
+from stagecomp.plan import Plan, PlannedLayer
 from stagecomp.serialization import load, save
 from stagecomp.stats import ModelStats, model_stats
-from stagecomp.plan import Plan, PlannedLayer
 from stagecomp.strategies.base import RankRequest, RankStrategy
 from stagecomp.strategies.data_aware import DataAware, allocate_ranks
 from stagecomp.strategies.manual import Manual

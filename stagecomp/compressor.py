@@ -471,7 +471,7 @@ def _encode_rank(value: LayerRank) -> Any:
         return value
     if hasattr(value, "to_dict"):
         return value.to_dict()
-    return [int(v) for v in value]  # type: ignore[union-attr]
+    return [int(v) for v in value]
 
 
 def _decode_rank(value: Any) -> LayerRank:
@@ -479,7 +479,7 @@ def _decode_rank(value: Any) -> LayerRank:
         return strategy_from_dict(value)
     if isinstance(value, list):
         return tuple(int(v) for v in value)
-    return value  # type: ignore[no-any-return]
+    return value
 
 
 def _saved_config(state: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -27,8 +27,8 @@ from stagecomp.decompose import empty_layer
 from stagecomp.errors import StagecompError
 from stagecomp.layer_shape import LayerShape
 from stagecomp.memory_format import to_channels_last
+from stagecomp.methods import check_method, layer_class, methods_for
 from stagecomp.options import DecomposeOptions
-from stagecomp.registry import check_method, layer_class, methods_for
 from stagecomp.surgery import eval_mode
 from stagecomp.timing import forward_latency
 

@@ -18,7 +18,7 @@ from torch import nn
 from stagecomp.config import Calibration
 from stagecomp.errors import StagecompError
 from stagecomp.layer_shape import LayerShape
-from stagecomp.methods import check_method, default_method
+from stagecomp.methods import check_method, default_method, methods_for_kind
 from stagecomp.plan import decomposable_layers
 
 LEGACY_ARGUMENTS = (
@@ -29,7 +29,6 @@ LEGACY_ARGUMENTS = (
     "correct_drift",
     "calibration_output",
 )
-_LINEAR_METHODS = ("svd", "svd_id", "tt")
 
 
 def kind_methods(
@@ -39,9 +38,10 @@ def kind_methods(
     layer ``linear_method`` (1x1 convolutions keep SVD, as the old arguments did)."""
     if conv_method is not None:
         check_method(conv_method)
-    if linear_method is not None and linear_method not in _LINEAR_METHODS:
+    linear = methods_for_kind("linear")
+    if linear_method is not None and linear_method not in linear:
         raise StagecompError(
-            f"linear_method={linear_method!r} is not allowed; expected one of {_LINEAR_METHODS}"
+            f"linear_method={linear_method!r} is not allowed; expected one of {linear}"
         )
     found: dict[str, str] = {}
     for name, module in decomposable_layers(model):
@@ -89,7 +89,7 @@ def translate(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
         "correct_drift",
         "calibration_output",
     } & set(legacy)
-    if old_calibration:
+    if batches is not None and old_calibration:
         kwargs["calibration"] = Calibration(
             batches,
             factors=legacy.get("data_aware"),

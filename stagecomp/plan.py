@@ -202,17 +202,15 @@ def build_plan(
             reason = "excluded (rank None)"
         if reason is None and layer_strategy is not None:
             reason = unavailable_reason(layer_strategy)
-        planned = None
         if reason is None and layer_strategy is not None:
             planned = _planned_layer(
                 name, module, layer_strategy, methods, factors, options, calibrated
             )
-            if isinstance(planned, str):
-                reason, planned = planned, None
-        if planned is None:
-            skipped[name] = reason or "skipped"
-        else:
-            targets.append(planned)
+            if isinstance(planned, PlannedLayer):
+                targets.append(planned)
+                continue
+            reason = planned
+        skipped[name] = reason or "skipped"
     if not targets:
         raise NoMatchingLayerError(
             "no layer of the model can be compressed: "
@@ -235,9 +233,9 @@ def _strategy_for(
         return strategy
     if value is None:
         return None
-    if hasattr(value, "choose_ranks"):
-        return value  # type: ignore[return-value]
-    return Manual(rank=value)  # type: ignore[arg-type]
+    if isinstance(value, (int, Sequence)) or hasattr(value, "__index__"):
+        return Manual(rank=value)  # type: ignore[arg-type]
+    return value
 
 
 def _method_for(methods: Mapping[str, str], name: str, shape: LayerShape) -> tuple[str, bool]:

@@ -179,9 +179,7 @@ def test_state_holds_the_configuration_and_from_state_resumes_exactly() -> None:
 
 
 def test_from_state_asks_for_what_cannot_be_saved() -> None:
-    c = sc.Compressor(
-        _net(), "reduction", X, calibration=sc.Calibration(BATCHES), progress=False
-    )
+    c = sc.Compressor(_net(), "reduction", X, calibration=sc.Calibration(BATCHES), progress=False)
     state = c.state_dict()
     with pytest.raises(sc.StagecompError, match="calibration"):
         sc.Compressor.from_state(_net(), state, example_input=X)
