@@ -55,4 +55,4 @@ def empty_layer(
     options = options or DecomposeOptions()
     cls = layer_class(method, shape, name)
     ranks = cls.normalize_rank(shape, rank, options, name)
-    return cls(shape, ranks, options, device=device, dtype=dtype)  # type: ignore[call-arg]
+    return cls(shape, ranks, options, device=device, dtype=dtype)

@@ -147,6 +147,21 @@ def test_keeps_dtype_mode_and_leaves_original_untouched(cls: type[DecomposedLaye
 
 
 @pytest.mark.parametrize("cls", LAYER_CLASSES, ids=lambda c: c.__name__)
+def test_constructor_puts_every_part_on_the_device_and_dtype(cls: type[DecomposedLayer]) -> None:
+    """Built with ``device`` / ``dtype``, nothing is left on the default device or dtype."""
+    shape = LayerShape.from_module(_example_module(cls))
+    ranks = cls.normalize_rank(shape, 4, OPTIONS)
+    layer = cls(shape, ranks, OPTIONS, device="meta", dtype=torch.float64)
+    params = dict(layer.named_parameters())
+    assert params, "a decomposed layer has parameters"
+    for name, param in params.items():
+        assert param.device.type == "meta", name
+        assert param.dtype == torch.float64, name
+    for name, buffer in layer.named_buffers():
+        assert buffer.device.type == "meta", name
+
+
+@pytest.mark.parametrize("cls", LAYER_CLASSES, ids=lambda c: c.__name__)
 def test_empty_layer_starts_like_a_dense_layer(cls: type[DecomposedLayer]) -> None:
     """Built from shapes alone, the effective weight has the default dense init's scale."""
     module = nn.Conv2d(64, 96, 3) if "conv2d" in cls.kinds else nn.Linear(256, 192)

@@ -18,6 +18,7 @@ from torch import nn
 
 from stagecomp.errors import NonFiniteWeightError, RankError, UnsupportedLayerError
 from stagecomp.layer_shape import LayerShape
+from stagecomp.layers.factory import Factory
 from stagecomp.options import DecomposeOptions
 
 Rank = int | Sequence[int]
@@ -47,13 +48,24 @@ def math_dtype(weight: torch.Tensor) -> torch.dtype:
     return torch.float32
 
 
+def _check_finite(shape: LayerShape, name: str | None, tensors: Sequence[torch.Tensor]) -> None:
+    """Raise ``NonFiniteWeightError`` unless every entry is finite: no factorisation is defined."""
+    if not all(bool(torch.isfinite(t).all()) for t in tensors):
+        raise NonFiniteWeightError(
+            f"{describe(shape, name)} has NaN or infinite weights; "
+            "only finite weights can be decomposed"
+        )
+
+
 class DecomposedLayer(nn.Module):
     """Base class of the modules that replace a decomposed Linear or Conv2d.
 
-    Subclasses implement ``full_rank``, ``param_count``, ``from_weights``,
-    ``dense_weight`` and ``dense_bias``; build their submodules in ``__init__``
-    from ``(shape, ranks, options)`` alone, with an initialisation fit for
-    training from scratch, so that loading a saved model needs no decomposition.
+    Subclasses implement ``full_rank``, ``param_count``, ``dense_weight``,
+    ``dense_bias``, ``_decompose`` and ``_assign``, and build their submodules
+    in ``_build`` from ``(shape, ranks, options)`` alone, with an initialisation
+    fit for training from scratch, so that loading a saved model needs no
+    decomposition. Those that can re-factorise their own factors override
+    ``_refactored``.
     """
 
     method: ClassVar[str]
@@ -68,11 +80,24 @@ class DecomposedLayer(nn.Module):
         shape: LayerShape,
         ranks: Sequence[int],
         options: DecomposeOptions | None = None,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
+        """An untrained layer of ``ranks`` for ``shape``, initialised like a dense layer.
+
+        Args:
+            shape: Geometry of the layer it replaces.
+            ranks: One int per rank, as ``normalize_rank`` gives them.
+            options: Options that fix the structure (e.g. TT modes).
+            device: Where every parameter and buffer is created.
+            dtype: The floating dtype of every parameter.
+        """
         super().__init__()
         self.shape = shape
         self.ranks = tuple(int(r) for r in ranks)
         self.options = options or DecomposeOptions()
+        self._build(Factory(device, dtype))
 
     # ------------------------------------------------------------------ contract
     @classmethod
@@ -100,7 +125,30 @@ class DecomposedLayer(nn.Module):
         options: DecomposeOptions,
     ) -> _LayerT:
         """Factorise ``weight`` (module layout, float32/64) into a new layer of ``ranks``."""
+        layer = cls(shape, ranks, options, device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            layer._assign(layer._decompose(weight), bias)
+        return layer
+
+    def _build(self, new: Factory) -> None:
+        """Create the submodules for ``shape`` and ``ranks`` and initialise them from scratch."""
         raise NotImplementedError
+
+    def _decompose(self, weight: torch.Tensor) -> Any:
+        """Factors of ``weight`` (module layout) at this layer's ranks, in ``_assign``'s form."""
+        raise NotImplementedError
+
+    def _assign(self, factors: Any, bias: torch.Tensor | None) -> None:
+        """Copy ``factors`` (as this class's decomposition gives them) and ``bias`` in."""
+        raise NotImplementedError
+
+    def _refactored(self: _LayerT, ranks: tuple[int, ...], options: DecomposeOptions) -> _LayerT:
+        """A layer of ``ranks`` equal to this one, on its device, in a dtype of the method's choice.
+
+        The default decomposes the equivalent dense weight again; subclasses with
+        a cheaper exact route (re-factorising their own factors) override it.
+        """
+        return type(self).from_module(self, ranks, options)
 
     def dense_weight(self) -> torch.Tensor:
         """The weight of the equivalent dense layer, in the original module's layout."""
@@ -210,13 +258,25 @@ class DecomposedLayer(nn.Module):
             dtype = math_dtype(weight)
             w = weight.detach().to(dtype)
             b = None if bias is None else bias.detach().to(dtype)
-            if not torch.isfinite(w).all() or (b is not None and not torch.isfinite(b).all()):
-                raise NonFiniteWeightError(
-                    f"{describe(shape, name)} has NaN or infinite weights; "
-                    "only finite weights can be decomposed"
-                )
+            _check_finite(shape, name, [w] if b is None else [w, b])
             layer = cls.from_weights(shape, w, b, ranks, options)
         return layer.matched_to(weight, module.training)
+
+    @classmethod
+    def _with_factors(
+        cls: type[_LayerT],
+        shape: LayerShape,
+        ranks: tuple[int, ...],
+        options: DecomposeOptions | None,
+        factors: Any,
+        bias: torch.Tensor | None,
+        like: torch.Tensor,
+    ) -> _LayerT:
+        """A new layer on ``like``'s device and dtype holding ``factors`` and ``bias``."""
+        layer = cls(shape, ranks, options, device=like.device, dtype=like.dtype)
+        with torch.no_grad():
+            layer._assign(factors, bias)
+        return layer
 
     def matched_to(self: _LayerT, reference: torch.Tensor, training: bool) -> _LayerT:
         """Move to ``reference``'s device and dtype, take its ``requires_grad`` and ``training``.
@@ -230,14 +290,21 @@ class DecomposedLayer(nn.Module):
         return self
 
     def recompressed(
-        self, rank: Rank, options: DecomposeOptions | None = None, name: str | None = None
-    ) -> DecomposedLayer:
+        self: _LayerT, rank: Rank, options: DecomposeOptions | None = None, name: str | None = None
+    ) -> _LayerT:
         """This layer at smaller ranks, for a later compression stage.
 
-        The default decomposes the equivalent dense weight again; subclasses with
-        a cheaper exact route (re-factorising a core) override it.
+        The new layer keeps this one's structure (``structure()``), device, dtype
+        and mode; it is trained (``requires_grad``) when any part of this one is.
         """
-        return type(self).from_module(self, rank, options or self.options, name)
+        options = (options or self.options).updated(self.structure())
+        ranks = self.normalize_rank(self.shape, rank, options, name)
+        params = list(self.parameters())
+        reference = next((p for p in params if p.requires_grad), params[0])
+        with torch.no_grad():
+            _check_finite(self.shape, name, params)
+            layer = self._refactored(ranks, options)
+        return layer.matched_to(reference, self.training)
 
     def to_dense(self) -> nn.Linear | nn.Conv2d:
         """An ordinary layer computing the same function, on this layer's device and dtype."""

@@ -18,15 +18,14 @@ import torch
 from torch import nn
 
 from stagecomp.decompositions.interpolative import grouped_interpolative
-from stagecomp.decompositions.svd import svd_recompress
 from stagecomp.layer_shape import LayerShape
-from stagecomp.layers.base import DecomposedLayer, Rank
+from stagecomp.layers.factory import Factory
 from stagecomp.layers.init import dense_weight_variance, init_bias_
-from stagecomp.layers.svd_conv2d import Triplet, grouped_svd
+from stagecomp.layers.svd_base import GroupedSVDLayer, Triplet
 from stagecomp.options import DecomposeOptions
 
 
-class InterpolativeLayer(DecomposedLayer):
+class InterpolativeLayer(GroupedSVDLayer):
     """A Linear or Conv2d as its truncated SVD in interpolative form (method ``"svd_id"``).
 
     Attributes:
@@ -41,54 +40,28 @@ class InterpolativeLayer(DecomposedLayer):
 
     method = "svd_id"
     kinds = ("linear", "conv2d")
+    first: nn.Linear | nn.Conv2d
+    second: nn.Linear | nn.Conv2d | None
+    bias: nn.Parameter | None
     order: torch.Tensor
 
-    def __init__(
-        self,
-        shape: LayerShape,
-        ranks: Sequence[int],
-        options: DecomposeOptions | None = None,
-        *,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__(shape, ranks, options)
-        (rank,) = self.ranks
+    def _build(self, new: Factory) -> None:
+        shape, (rank,) = self.shape, self.ranks
         groups, extra = shape.groups, shape.out_per_group - rank
-        self.first: nn.Linear | nn.Conv2d
-        self.second: nn.Linear | nn.Conv2d | None = None
+        self.second = None
         if shape.kind == "linear":
-            self.first = nn.Linear(shape.in_channels, rank, bias=False, device=device, dtype=dtype)
+            self.first = new.linear(shape.in_channels, rank)
             if extra:
-                self.second = nn.Linear(rank, extra, bias=False, device=device, dtype=dtype)
+                self.second = new.linear(rank, extra)
         else:
-            self.first = nn.Conv2d(
-                shape.in_channels,
-                groups * rank,
-                shape.kernel_size,
-                groups=groups,
-                bias=False,
-                device=device,
-                dtype=dtype,
-                **shape.conv_kwargs(),
+            self.first = new.conv(
+                shape.in_channels, groups * rank, shape.kernel_size, groups, **shape.conv_kwargs()
             )
             if extra:
-                self.second = nn.Conv2d(
-                    groups * rank,
-                    groups * extra,
-                    1,
-                    groups=groups,
-                    bias=False,
-                    device=device,
-                    dtype=dtype,
-                )
-        self.bias = (
-            nn.Parameter(torch.empty(shape.out_channels, device=device, dtype=dtype))
-            if shape.bias
-            else None
-        )
+                self.second = new.conv(groups * rank, groups * extra, 1, groups)
+        self.bias = new.bias(shape)
         self.register_buffer(
-            "order", torch.arange(shape.out_channels, device=device, dtype=torch.long)
+            "order", torch.arange(shape.out_channels, device=new.device, dtype=torch.long)
         )
         fan_in = shape.in_per_group * shape.kernel_numel
         with torch.no_grad():
@@ -99,59 +72,10 @@ class InterpolativeLayer(DecomposedLayer):
         init_bias_(self.bias, fan_in)
 
     @classmethod
-    def full_rank(cls, shape: LayerShape, options: DecomposeOptions) -> tuple[int, ...]:
-        return (min(shape.out_per_group, shape.in_per_group * shape.kernel_numel),)
-
-    @classmethod
     def param_count(cls, shape: LayerShape, ranks: Sequence[int], options: DecomposeOptions) -> int:
         (rank,) = ranks
         per_group = rank * (shape.in_per_group * shape.kernel_numel + shape.out_per_group - rank)
         return shape.groups * per_group + (shape.out_channels if shape.bias else 0)
-
-    @classmethod
-    def from_weights(
-        cls,
-        shape: LayerShape,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        ranks: tuple[int, ...],
-        options: DecomposeOptions,
-    ) -> InterpolativeLayer:
-        return cls.from_svd(shape, grouped_svd(shape, weight, ranks[0], options), bias, options)
-
-    @classmethod
-    def from_svd(
-        cls,
-        shape: LayerShape,
-        triplets: list[Triplet],
-        bias: torch.Tensor | None,
-        options: DecomposeOptions | None = None,
-    ) -> InterpolativeLayer:
-        """A layer computing ``u diag(s) vh`` per group, plus ``bias``, from factors made elsewhere.
-
-        Data-aware factorisations (``stagecomp.data_aware``) use it.
-        """
-        u = triplets[0][0]
-        layer = cls(shape, (triplets[0][1].numel(),), options, device=u.device, dtype=u.dtype)
-        layer._assign(*grouped_interpolative(triplets), bias)
-        return layer
-
-    def recompressed(
-        self, rank: Rank, options: DecomposeOptions | None = None, name: str | None = None
-    ) -> InterpolativeLayer:
-        """Smaller ranks from each group's two factors, through their exact SVD."""
-        options = options or self.options
-        ranks = self.normalize_rank(self.shape, rank, options, name)
-        with torch.no_grad():
-            dtype = torch.float64
-            lefts, kepts = self._group_factors(dtype)
-            triplets = [
-                svd_recompress(left, kept, ranks[0])
-                for left, kept in zip(lefts, kepts, strict=True)
-            ]
-            bias = None if self.bias is None else self.bias.to(dtype)
-            layer = type(self).from_svd(self.shape, triplets, bias, options)
-        return layer.matched_to(self.first.weight, self.training)
 
     def _group_factors(self, dtype: torch.dtype) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Per group, ``left`` (``out/g x r``, the rows of ``[I; B]`` in output order) and ``C``."""
@@ -176,14 +100,9 @@ class InterpolativeLayer(DecomposedLayer):
             lefts.append(stacked[local])
         return lefts, list(kept)
 
-    @torch.no_grad()
-    def _assign(
-        self,
-        order: torch.Tensor,
-        mixes: list[torch.Tensor],
-        kepts: list[torch.Tensor],
-        bias: torch.Tensor | None,
-    ) -> None:
+    def _assign(self, factors: list[Triplet], bias: torch.Tensor | None) -> None:
+        """Each group's SVD in interpolative form (``grouped_interpolative``), and ``bias``."""
+        order, mixes, kepts = grouped_interpolative(factors)
         self.first.weight.copy_(torch.cat(kepts).reshape(self.first.weight.shape))
         if self.second is not None:
             self.second.weight.copy_(torch.cat(mixes).reshape(self.second.weight.shape))

@@ -5,13 +5,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import nn
 
 from stagecomp.decompositions.svd import svd_recompress, truncated_svd
 from stagecomp.layer_shape import LayerShape
-from stagecomp.layers.base import DecomposedLayer, Rank
+from stagecomp.layers.base import DecomposedLayer
+from stagecomp.layers.factory import Factory
 from stagecomp.layers.init import init_bias_, init_factor_chain_
 from stagecomp.options import DecomposeOptions
+
+Triplet = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 class SVDLinear(DecomposedLayer):
@@ -24,21 +26,10 @@ class SVDLinear(DecomposedLayer):
     method = "svd"
     kinds = ("linear",)
 
-    def __init__(
-        self,
-        shape: LayerShape,
-        ranks: Sequence[int],
-        options: DecomposeOptions | None = None,
-        *,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__(shape, ranks, options)
-        (rank,) = self.ranks
-        self.first = nn.Linear(shape.in_channels, rank, bias=False, device=device, dtype=dtype)
-        self.second = nn.Linear(
-            rank, shape.out_channels, bias=shape.bias, device=device, dtype=dtype
-        )
+    def _build(self, new: Factory) -> None:
+        shape, (rank,) = self.shape, self.ranks
+        self.first = new.linear(shape.in_channels, rank)
+        self.second = new.linear(rank, shape.out_channels, bias=shape.bias)
         init_factor_chain_([self.first.weight, self.second.weight], shape.in_channels, [rank])
         init_bias_(self.second.bias, shape.in_channels)
 
@@ -51,18 +42,6 @@ class SVDLinear(DecomposedLayer):
         (rank,) = ranks
         bias = shape.out_channels if shape.bias else 0
         return rank * (shape.in_channels + shape.out_channels) + bias
-
-    @classmethod
-    def from_weights(
-        cls,
-        shape: LayerShape,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        ranks: tuple[int, ...],
-        options: DecomposeOptions,
-    ) -> SVDLinear:
-        u, s, vh = truncated_svd(weight, ranks[0], solver=options.svd_solver, seed=options.seed)
-        return cls.from_svd(shape, u, s, vh, bias, options)
 
     @classmethod
     def from_svd(
@@ -79,30 +58,19 @@ class SVDLinear(DecomposedLayer):
         Data-aware factorisations (``stagecomp.data_aware``) use it, so their layers
         are ordinary ``SVDLinear`` layers that save, load and recompress as usual.
         """
-        layer = cls(shape, (s.numel(),), options, device=u.device, dtype=u.dtype)
-        layer._assign(u, s, vh, bias)
-        return layer
+        return cls._with_factors(shape, (s.numel(),), options, (u, s, vh), bias, like=u)
 
-    def recompressed(
-        self, rank: Rank, options: DecomposeOptions | None = None, name: str | None = None
-    ) -> SVDLinear:
-        """Smaller ranks straight from the two factors (exactly the SVD of their product)."""
-        options = options or self.options
-        ranks = self.normalize_rank(self.shape, rank, options, name)
-        with torch.no_grad():
-            dtype = torch.float64
-            u, s, vh = svd_recompress(
-                self.second.weight.to(dtype), self.first.weight.to(dtype), ranks[0]
-            )
-            layer = type(self)(self.shape, ranks, options, device=u.device, dtype=dtype)
-            bias = None if self.second.bias is None else self.second.bias.to(dtype)
-            layer._assign(u, s, vh, bias)
-        return layer.matched_to(self.first.weight, self.training)
+    def _refactored(self, ranks: tuple[int, ...], options: DecomposeOptions) -> SVDLinear:
+        """Straight from the two factors, in float64: exactly the SVD of their product."""
+        u, s, vh = svd_recompress(self.second.weight.double(), self.first.weight.double(), ranks[0])
+        return self.from_svd(self.shape, u, s, vh, self.dense_bias(), options)
 
-    @torch.no_grad()
-    def _assign(
-        self, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, bias: torch.Tensor | None
-    ) -> None:
+    def _decompose(self, weight: torch.Tensor) -> Triplet:
+        options = self.options
+        return truncated_svd(weight, self.ranks[0], solver=options.svd_solver, seed=options.seed)
+
+    def _assign(self, factors: Triplet, bias: torch.Tensor | None) -> None:
+        u, s, vh = factors
         root = s.sqrt()
         self.first.weight.copy_(root[:, None] * vh)
         self.second.weight.copy_(u * root[None, :])

@@ -12,11 +12,12 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
+from torch import nn
 
 from stagecomp.decompositions.tt import tt_full_ranks, tt_matrix_modes
 from stagecomp.errors import UnsupportedLayerError
 from stagecomp.layer_shape import LayerShape
-from stagecomp.layers.base import DecomposedLayer, describe
+from stagecomp.layers.base import DecomposedLayer, describe, math_dtype
 from stagecomp.options import DecomposeOptions
 
 
@@ -31,6 +32,7 @@ class TTLayer(DecomposedLayer):
 
     in_modes: tuple[int, ...]
     out_modes: tuple[int, ...]
+    cores: nn.ParameterList
 
     @classmethod
     def spatial_modes(cls, shape: LayerShape) -> tuple[int, ...]:
@@ -83,6 +85,21 @@ class TTLayer(DecomposedLayer):
         tensor = weight.reshape(*out_modes, *in_modes, *spatial)
         order = [j for k in range(d) for j in (k, d + k)] + [2 * d + s for s in range(len(spatial))]
         return tensor.permute(*order).reshape(cls.bond_mode_sizes(shape, options))
+
+    def _set_modes(self) -> None:
+        """Take the modes ``options`` give; a TT of ``n`` cores has ``n - 1`` bond ranks."""
+        self.out_modes, self.in_modes = self.modes(self.shape, self.options)
+        cores = len(self.bond_mode_sizes(self.shape, self.options))
+        if len(self.ranks) != cores - 1:
+            raise ValueError(
+                f"{describe(self.shape, None)}: a TT of {cores} cores needs {cores - 1} ranks, "
+                f"got {self.ranks}"
+            )
+
+    def _math_dtype(self) -> torch.dtype:
+        """The dtype the dense weight would be factorised in (``math_dtype``), not forming it."""
+        weight = torch.empty(self.shape.weight_shape, dtype=self.cores[0].dtype, device="meta")
+        return math_dtype(weight)
 
     def structure(self) -> dict[str, Any]:
         return {"tt_in_modes": self.in_modes, "tt_out_modes": self.out_modes}

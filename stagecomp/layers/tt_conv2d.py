@@ -32,9 +32,9 @@ from stagecomp.decompositions.tt import (
     tt_round,
     tt_svd,
 )
-from stagecomp.errors import NonFiniteWeightError, UnsupportedLayerError
+from stagecomp.errors import UnsupportedLayerError
 from stagecomp.layer_shape import LayerShape
-from stagecomp.layers.base import Rank, describe, math_dtype
+from stagecomp.layers.factory import Factory
 from stagecomp.layers.init import init_bias_, init_tt_cores_
 from stagecomp.layers.tt_base import TTLayer
 from stagecomp.options import DecomposeOptions
@@ -56,93 +56,47 @@ class TTConv2d(TTLayer):
     kinds = ("conv2d",)
     default_cores = 2
 
-    def __init__(
-        self,
-        shape: LayerShape,
-        ranks: Sequence[int],
-        options: DecomposeOptions | None = None,
-        *,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__(shape, ranks, options)
-        self.out_modes, self.in_modes = self.modes(shape, self.options)
-        if len(self.ranks) != len(self.in_modes):
-            raise ValueError(
-                f"{describe(shape, None)}: {len(self.in_modes)} TT channel cores and a spatial "
-                f"core need {len(self.in_modes)} ranks, got {self.ranks}"
-            )
+    def _build(self, new: Factory) -> None:
+        shape, groups = self.shape, self.shape.groups
+        self._set_modes()
         self.contraction = "auto"
-        groups = shape.groups
         bonds = (1, *self.ranks)
         self.cores = nn.ParameterList(
-            nn.Parameter(
-                torch.empty(groups, bonds[k], o, i, bonds[k + 1], device=device, dtype=dtype)
-            )
+            new.parameter(groups, bonds[k], o, i, bonds[k + 1])
             for k, (o, i) in enumerate(zip(self.out_modes, self.in_modes, strict=True))
         )
-        self.kernel = nn.Parameter(
-            torch.empty(groups, self.ranks[-1], *shape.kernel_size, device=device, dtype=dtype)
-        )
-        self.bias = (
-            nn.Parameter(torch.empty(shape.out_channels, device=device, dtype=dtype))
-            if shape.bias
-            else None
-        )
+        self.kernel = new.parameter(groups, self.ranks[-1], *shape.kernel_size)
+        self.bias = new.bias(shape)
         fan_in = shape.in_per_group * shape.kernel_numel
         init_tt_cores_([*self.cores, self.kernel], fan_in, self.ranks)
         init_bias_(self.bias, fan_in)
         self._pads = _explicit_padding(shape)
         self._costs = self._contraction_costs()
 
-    @classmethod
-    def from_weights(
-        cls,
-        shape: LayerShape,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        ranks: tuple[int, ...],
-        options: DecomposeOptions,
-    ) -> TTConv2d:
-        layer = cls(shape, ranks, options, device=weight.device, dtype=weight.dtype)
-        per_group = [
+    def _decompose(self, weight: torch.Tensor) -> list[list[torch.Tensor]]:
+        shape, options = self.shape, self.options
+        return [
             tt_svd(
-                cls.tt_ordered_weight(group, shape, options),
-                ranks,
+                self.tt_ordered_weight(group, shape, options),
+                self.ranks,
                 solver=options.svd_solver,
                 seed=options.seed,
             )
             for group in shape.grouped_weight(weight)
         ]
-        layer._assign(per_group, bias)
-        return layer
 
-    def recompressed(
-        self, rank: Rank, options: DecomposeOptions | None = None, name: str | None = None
-    ) -> TTConv2d:
-        """Smaller ranks by TT-rounding each group's cores; the kernel is never formed.
+    def _refactored(self, ranks: tuple[int, ...], options: DecomposeOptions) -> TTConv2d:
+        """TT-rounding of each group's cores; the kernel is never formed.
 
         The result equals TT-SVD of the dense kernel at the new ranks (up to
         float error), at a cost polynomial in the old ranks only.
         """
-        options = (options or self.options).updated(self.structure())
-        ranks = self.normalize_rank(self.shape, rank, options, name)
-        reference = self.kernel
-        dtype = math_dtype(
-            torch.empty(self.shape.weight_shape, dtype=reference.dtype, device="meta")
+        dtype = self._math_dtype()
+        cores = [c.to(dtype) for c in self.chain()]
+        per_group = [tt_round([c[g] for c in cores], ranks) for g in range(self.shape.groups)]
+        return self._with_factors(
+            self.shape, ranks, options, per_group, self.dense_bias(), like=cores[0]
         )
-        with torch.no_grad():
-            cores = [c.detach().to(dtype) for c in self.chain()]
-            if not all(torch.isfinite(c).all() for c in cores):
-                raise NonFiniteWeightError(
-                    f"{describe(self.shape, name)} has NaN or infinite weights; "
-                    "only finite weights can be decomposed"
-                )
-            per_group = [tt_round([c[g] for c in cores], ranks) for g in range(self.shape.groups)]
-            layer = type(self)(self.shape, ranks, options, device=reference.device, dtype=dtype)
-            bias = None if self.bias is None else self.bias.detach().to(dtype)
-            layer._assign(per_group, bias)
-        return layer.matched_to(reference, self.training)
 
     def chain(self) -> list[torch.Tensor]:
         """All ``d + 1`` cores as one TT per group.
@@ -153,12 +107,9 @@ class TTConv2d(TTLayer):
         cores = [c.reshape(groups, c.shape[1], -1, c.shape[-1]) for c in self.cores]
         return [*cores, self.kernel.reshape(groups, self.ranks[-1], -1, 1)]
 
-    @torch.no_grad()
-    def _assign(
-        self, per_group: Sequence[Sequence[torch.Tensor]], bias: torch.Tensor | None
-    ) -> None:
+    def _assign(self, factors: Sequence[Sequence[torch.Tensor]], bias: torch.Tensor | None) -> None:
         """Copy each group's TT (``d + 1`` cores ``(r, n, r')``), padded to the layer's ranks."""
-        cores = [balance_tt_cores(pad_tt_ranks(group, self.ranks)) for group in per_group]
+        cores = [balance_tt_cores(pad_tt_ranks(group, self.ranks)) for group in factors]
         for k, param in enumerate(self.cores):
             param.copy_(torch.stack([group[k] for group in cores]).reshape(param.shape))
         self.kernel.copy_(torch.stack([group[-1] for group in cores]).reshape(self.kernel.shape))

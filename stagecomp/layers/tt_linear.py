@@ -23,9 +23,7 @@ from stagecomp.decompositions.tt import (
     tt_matrix_to_dense,
     tt_round,
 )
-from stagecomp.errors import NonFiniteWeightError
-from stagecomp.layer_shape import LayerShape
-from stagecomp.layers.base import Rank, describe, math_dtype
+from stagecomp.layers.factory import Factory
 from stagecomp.layers.init import init_bias_, init_tt_cores_
 from stagecomp.layers.tt_base import TTLayer
 from stagecomp.options import DecomposeOptions
@@ -44,87 +42,45 @@ class TTLinear(TTLayer):
     default_cores = 3
     min_cores = 2
 
-    def __init__(
-        self,
-        shape: LayerShape,
-        ranks: Sequence[int],
-        options: DecomposeOptions | None = None,
-        *,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__(shape, ranks, options)
-        self.out_modes, self.in_modes = self.modes(shape, self.options)
-        if len(self.ranks) != len(self.in_modes) - 1:
-            raise ValueError(
-                f"{describe(shape, None)}: {len(self.in_modes)} TT cores need "
-                f"{len(self.in_modes) - 1} ranks, got {self.ranks}"
-            )
+    def _build(self, new: Factory) -> None:
+        shape = self.shape
+        self._set_modes()
         bonds = (1, *self.ranks, 1)
         self.cores = nn.ParameterList(
-            nn.Parameter(torch.empty(bonds[k], o, i, bonds[k + 1], device=device, dtype=dtype))
+            new.parameter(bonds[k], o, i, bonds[k + 1])
             for k, (o, i) in enumerate(zip(self.out_modes, self.in_modes, strict=True))
         )
-        self.bias = (
-            nn.Parameter(torch.empty(shape.out_channels, device=device, dtype=dtype))
-            if shape.bias
-            else None
-        )
+        self.bias = new.bias(shape)
         init_tt_cores_(list(self.cores), shape.in_channels, self.ranks)
         init_bias_(self.bias, shape.in_channels)
 
-    @classmethod
-    def from_weights(
-        cls,
-        shape: LayerShape,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        ranks: tuple[int, ...],
-        options: DecomposeOptions,
-    ) -> TTLinear:
-        layer = cls(shape, ranks, options, device=weight.device, dtype=weight.dtype)
-        cores = tt_matrix(
-            weight.reshape(shape.out_channels, shape.in_channels),
-            layer.out_modes,
-            layer.in_modes,
-            ranks,
-            solver=options.svd_solver,
-            seed=options.seed,
+    def _decompose(self, weight: torch.Tensor) -> list[torch.Tensor]:
+        return tt_matrix(
+            weight.reshape(self.shape.out_channels, self.shape.in_channels),
+            self.out_modes,
+            self.in_modes,
+            self.ranks,
+            solver=self.options.svd_solver,
+            seed=self.options.seed,
         )
-        layer._assign(cores, bias)
-        return layer
 
-    def recompressed(
-        self, rank: Rank, options: DecomposeOptions | None = None, name: str | None = None
-    ) -> TTLinear:
-        """Smaller ranks by TT-rounding the cores; the dense weight is never formed.
+    def _refactored(self, ranks: tuple[int, ...], options: DecomposeOptions) -> TTLinear:
+        """TT-rounding of the cores; the dense weight is never formed.
 
         The result equals TT-SVD of the dense weight at the new ranks (up to
         float error), at a cost polynomial in the old ranks only.
         """
-        options = (options or self.options).updated(self.structure())
-        ranks = self.normalize_rank(self.shape, rank, options, name)
-        reference = self.cores[0]
-        dtype = math_dtype(
-            torch.empty(self.shape.weight_shape, dtype=reference.dtype, device="meta")
+        dtype = self._math_dtype()
+        cores = [c.to(dtype) for c in self.cores]
+        rounded = tt_round(cores, ranks)
+        return self._with_factors(
+            self.shape, ranks, options, rounded, self.dense_bias(), like=cores[0]
         )
-        with torch.no_grad():
-            cores = [c.detach().to(dtype) for c in self.cores]
-            if not all(torch.isfinite(c).all() for c in cores):
-                raise NonFiniteWeightError(
-                    f"{describe(self.shape, name)} has NaN or infinite weights; "
-                    "only finite weights can be decomposed"
-                )
-            layer = type(self)(self.shape, ranks, options, device=reference.device, dtype=dtype)
-            bias = None if self.bias is None else self.bias.detach().to(dtype)
-            layer._assign(tt_round(cores, ranks), bias)
-        return layer.matched_to(reference, self.training)
 
-    @torch.no_grad()
-    def _assign(self, cores: Sequence[torch.Tensor], bias: torch.Tensor | None) -> None:
+    def _assign(self, factors: Sequence[torch.Tensor], bias: torch.Tensor | None) -> None:
         """Copy TT cores (padded with zeros where a bond came out smaller) and the bias."""
         for param, core in zip(
-            self.cores, balance_tt_cores(pad_tt_ranks(cores, self.ranks)), strict=True
+            self.cores, balance_tt_cores(pad_tt_ranks(factors, self.ranks)), strict=True
         ):
             param.copy_(core)
         if bias is not None and self.bias is not None:

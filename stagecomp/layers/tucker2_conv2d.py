@@ -12,12 +12,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import nn
 
 from stagecomp.decompositions.tucker2 import tucker2, tucker2_recompress
-from stagecomp.errors import NonFiniteWeightError
 from stagecomp.layer_shape import LayerShape
-from stagecomp.layers.base import DecomposedLayer, Rank, describe
+from stagecomp.layers.base import DecomposedLayer
+from stagecomp.layers.factory import Factory
 from stagecomp.layers.init import init_bias_, init_factor_chain_
 from stagecomp.options import DecomposeOptions
 
@@ -35,46 +34,14 @@ class Tucker2Conv2d(DecomposedLayer):
     kinds = ("conv2d",)
     rank_names = ("r_out", "r_in")
 
-    def __init__(
-        self,
-        shape: LayerShape,
-        ranks: Sequence[int],
-        options: DecomposeOptions | None = None,
-        *,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__(shape, ranks, options)
-        r_out, r_in = self.ranks
+    def _build(self, new: Factory) -> None:
+        shape, (r_out, r_in) = self.shape, self.ranks
         groups = shape.groups
-        self.first = nn.Conv2d(
-            shape.in_channels,
-            groups * r_in,
-            1,
-            groups=groups,
-            bias=False,
-            device=device,
-            dtype=dtype,
+        self.first = new.conv(shape.in_channels, groups * r_in, 1, groups)
+        self.core = new.conv(
+            groups * r_in, groups * r_out, shape.kernel_size, groups, **shape.conv_kwargs()
         )
-        self.core = nn.Conv2d(
-            groups * r_in,
-            groups * r_out,
-            shape.kernel_size,
-            groups=groups,
-            bias=False,
-            device=device,
-            dtype=dtype,
-            **shape.conv_kwargs(),
-        )
-        self.last = nn.Conv2d(
-            groups * r_out,
-            shape.out_channels,
-            1,
-            groups=groups,
-            bias=shape.bias,
-            device=device,
-            dtype=dtype,
-        )
+        self.last = new.conv(groups * r_out, shape.out_channels, 1, groups, bias=shape.bias)
         fan_in = shape.in_per_group * shape.kernel_numel
         init_factor_chain_(
             [self.first.weight, self.core.weight, self.last.weight], fan_in, [r_out, r_in]
@@ -96,23 +63,6 @@ class Tucker2Conv2d(DecomposedLayer):
         return shape.groups * per_group + (shape.out_channels if shape.bias else 0)
 
     @classmethod
-    def from_weights(
-        cls,
-        shape: LayerShape,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        ranks: tuple[int, ...],
-        options: DecomposeOptions,
-    ) -> Tucker2Conv2d:
-        r_out, r_in = ranks
-        grouped = shape.grouped_weight(weight)
-        factors = [
-            tucker2(grouped[g], (r_out, r_in), hooi_iters=options.hooi_iters)
-            for g in range(shape.groups)
-        ]
-        return cls.from_factors(shape, factors, bias, options)
-
-    @classmethod
     def from_factors(
         cls,
         shape: LayerShape,
@@ -127,72 +77,53 @@ class Tucker2Conv2d(DecomposedLayer):
         """
         core = factors[0][0]
         ranks = (core.shape[0], core.shape[1])
-        layer = cls(shape, ranks, options, device=core.device, dtype=core.dtype)
-        layer._load_factors(factors, bias)
-        return layer
+        return cls._with_factors(shape, ranks, options, factors, bias, like=core)
 
-    def recompressed(
-        self, rank: Rank, options: DecomposeOptions | None = None, name: str | None = None
-    ) -> Tucker2Conv2d:
-        """This layer at new ranks, straight from its factors (no dense kernel formed).
+    def _refactored(self, ranks: tuple[int, ...], options: DecomposeOptions) -> Tucker2Conv2d:
+        """Straight from the factors (no dense kernel formed), in float64: they are small.
 
         The result equals ``Tucker2Conv2d.from_module(self.to_dense(), rank)`` up to
         float error, at a cost set by the current ranks rather than the layer's size.
         The factors need not be orthonormal any more (e.g. after fine-tuning): they
         are QR-factorised first (see ``tucker2_recompress``).
         """
-        options = options or self.options
-        shape = self.shape
-        ranks = self.normalize_rank(shape, rank, options, name)
-        r_out, r_in = self.ranks
-        with torch.no_grad():
-            dtype = torch.float64  # the factors are small; float64 costs little
-            groups = shape.groups
-            first = self.first.weight.to(dtype).reshape(groups, r_in, -1)
-            core = self.core.weight.to(dtype).reshape(groups, r_out, r_in, *shape.kernel_size)
-            last = self.last.weight.to(dtype).reshape(groups, -1, r_out)
-            if not all(bool(torch.isfinite(t).all()) for t in (first, core, last)):
-                raise NonFiniteWeightError(
-                    f"{describe(shape, name)} has NaN or infinite factors; "
-                    "only finite weights can be decomposed"
-                )
-            factors = [
-                tucker2_recompress(
-                    core[g],
-                    last[g],
-                    first[g].T,
-                    (ranks[0], ranks[1]),
-                    hooi_iters=options.hooi_iters,
-                )
-                for g in range(groups)
-            ]
-            layer = type(self)(shape, ranks, options, device=first.device, dtype=dtype)
-            bias = self.last.bias
-            layer._load_factors(factors, None if bias is None else bias.to(dtype))
-        return layer.matched_to(self.core.weight, self.training)
+        shape, (r_out, r_in) = self.shape, self.ranks
+        groups = shape.groups
+        first = self.first.weight.double().reshape(groups, r_in, -1)
+        core = self.core.weight.double().reshape(groups, r_out, r_in, *shape.kernel_size)
+        last = self.last.weight.double().reshape(groups, -1, r_out)
+        factors = [
+            tucker2_recompress(
+                core[g], last[g], first[g].T, (ranks[0], ranks[1]), hooi_iters=options.hooi_iters
+            )
+            for g in range(groups)
+        ]
+        return self.from_factors(shape, factors, self.dense_bias(), options)
 
-    def _load_factors(self, factors: Sequence[_Factors], bias: torch.Tensor | None) -> None:
+    def _decompose(self, weight: torch.Tensor) -> list[_Factors]:
+        return [
+            tucker2(group, (self.ranks[0], self.ranks[1]), hooi_iters=self.options.hooi_iters)
+            for group in self.shape.grouped_weight(weight)
+        ]
+
+    def _assign(self, factors: Sequence[_Factors], bias: torch.Tensor | None) -> None:
         """Copy per-group ``(core, u_out, u_in)`` into the three convolutions."""
-        shape = self.shape
-        r_out, r_in = self.ranks
-        with torch.no_grad():
-            self.first.weight.copy_(
-                torch.cat([u_in.T for _, _, u_in in factors]).reshape(
-                    shape.groups * r_in, shape.in_per_group, 1, 1
-                )
+        shape, (r_out, r_in) = self.shape, self.ranks
+        self.first.weight.copy_(
+            torch.cat([u_in.T for _, _, u_in in factors]).reshape(
+                shape.groups * r_in, shape.in_per_group, 1, 1
             )
-            self.core.weight.copy_(
-                torch.cat([core for core, _, _ in factors]).reshape(
-                    shape.groups * r_out, r_in, *shape.kernel_size
-                )
+        )
+        self.core.weight.copy_(
+            torch.cat([core for core, _, _ in factors]).reshape(
+                shape.groups * r_out, r_in, *shape.kernel_size
             )
-            self.last.weight.copy_(
-                torch.cat([u_out for _, u_out, _ in factors]).reshape(
-                    shape.out_channels, r_out, 1, 1
-                )
-            )
-            if bias is not None and self.last.bias is not None:
-                self.last.bias.copy_(bias)
+        )
+        self.last.weight.copy_(
+            torch.cat([u_out for _, u_out, _ in factors]).reshape(shape.out_channels, r_out, 1, 1)
+        )
+        if bias is not None and self.last.bias is not None:
+            self.last.bias.copy_(bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.last(self.core(self.first(x)))
