@@ -42,3 +42,7 @@ class RecipeError(StagecompError, ValueError):
 
 class DistributedError(StagecompError, RuntimeError):
     """Another rank failed a shared step, or the ranks do not hold the same model."""
+
+
+class UnknownModelError(StagecompError, ValueError):
+    """A model name (or an option of it) that stagecomp's model zoo cannot build."""
