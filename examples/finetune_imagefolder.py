@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 import stagecomp as sc
-from stagecomp.cli import load_weights_file
+from stagecomp.zoo import load_weights_file
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

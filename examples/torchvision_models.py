@@ -28,7 +28,7 @@ import torchvision
 from torch import nn
 
 import stagecomp as sc
-from stagecomp.cli import load_weights_file
+from stagecomp.zoo import load_weights_file
 
 # Manual ranks for the layers that hold most of each model's parameters.
 MANUAL_RANKS: dict[str, dict[str, int]] = {

@@ -52,8 +52,7 @@ from stagecomp.strategies.data_aware import DataAware, allocate_ranks
 from stagecomp.strategies.manual import Manual
 from stagecomp.strategies.reduction import Reduction
 from stagecomp.strategies.vbmf import VBMF
-
-__version__ = "0.1.0"
+from stagecomp.version import __version__
 
 __all__ = [
     "METHODS",

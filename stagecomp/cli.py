@@ -1,25 +1,40 @@
 """The ``stagecomp`` command line: ``demo``, ``compress`` and ``report``.
 
-Every failure a user can cause (a typo in a model or layer name, a rank that
-does not fit, a damaged save) is printed as one line, ``stagecomp: error: ...``,
-with a non-zero exit code; ``--debug`` shows the traceback instead.
+Argument parsing, calls into the library and printing only: the tables come from
+:mod:`stagecomp.report`, the models from :mod:`stagecomp.zoo`. Every failure a user can
+cause (a typo in a model or layer name, a rank that does not fit, a damaged save) is
+printed as one line, ``stagecomp: error: ...``, with a non-zero exit code; ``--debug``
+shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
-import difflib
-import os
 import sys
 import time
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
+import torch
+from torch import nn
+
+from stagecomp import __version__
+from stagecomp.compressor import Compressor
+from stagecomp.demo import DemoRow, format_header, format_row, run_demo, write_outputs
 from stagecomp.errors import StagecompError
+from stagecomp.legacy import kind_methods
 from stagecomp.methods import methods_for_kind
+from stagecomp.options import DecomposeOptions
+from stagecomp.plan import build_plan
+from stagecomp.report import compressor_summary
 from stagecomp.report import format_count as _human
-from stagecomp.report import format_ratio as _ratio
+from stagecomp.saved_report import format_saved_report
+from stagecomp.serialization import save
+from stagecomp.strategies.base import RankStrategy
+from stagecomp.strategies.manual import Manual
+from stagecomp.strategies.reduction import Reduction
+from stagecomp.strategies.vbmf import VBMF
+from stagecomp.zoo import build_torchvision_model, load_into, load_weights_file
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -60,30 +75,23 @@ def _one_line(error: BaseException) -> str:
     return text if len(text) <= _MAX_MESSAGE else text[: _MAX_MESSAGE - 3] + "..."
 
 
-def _set_threads(threads: int | None) -> None:
-    if threads is not None:
-        if threads < 1:
-            raise CLIError(f"--threads {threads} is not allowed; expected an integer >= 1")
-        import torch
-
-        torch.set_num_threads(threads)
+def _at_least_one(label: str, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise CLIError(f"{label} {value} is not allowed; expected an integer >= 1")
 
 
 # ---------------------------------------------------------------------- demo
 def _demo(args: argparse.Namespace) -> int:
-    from stagecomp.demo import format_header, format_row, run_demo, write_outputs
-
-    if args.threads is not None and args.threads < 1:
-        raise CLIError(f"--threads {args.threads} is not allowed; expected an integer >= 1")
+    _at_least_one("--threads", args.threads)
     print(
         f"Training a CNN on scikit-learn's digits, then compressing it {args.rate:g}x "
         f"in {args.stages} stage(s), {args.layers_per_step} layer(s) per step, "
         f"fine-tuning {args.finetune_epochs} epoch(s) after each step (seed {args.seed})...",
         flush=True,
     )
-    rows: list[Any] = []
+    rows: list[DemoRow] = []
 
-    def show(row: Any) -> None:
+    def show(row: DemoRow) -> None:
         if not rows:
             print(format_header())
         rows.append(row)
@@ -114,109 +122,6 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------- compress
-def _classification_models() -> list[str]:
-    import torchvision
-
-    return list(torchvision.models.list_models(module=torchvision.models))
-
-
-def build_torchvision_model(name: str, num_classes: int | None = None) -> Any:
-    """A torchvision classifier with random weights, or a one-line error with close names."""
-    import torchvision
-
-    names = _classification_models()
-    if name not in names:
-        every = set(torchvision.models.list_models())
-        if name in every:
-            raise CLIError(
-                f"{name!r} is not an image classification model; stagecomp compress "
-                "builds torchvision classifiers (e.g. resnet18, resnet50, vgg16, mobilenet_v2)"
-            )
-        close = difflib.get_close_matches(name.lower(), names, n=4, cutoff=0.5)
-        hint = f"; closest names: {', '.join(close)}" if close else ""
-        raise CLIError(
-            f"unknown torchvision model {name!r}{hint} "
-            "(all names: python -c 'import torchvision; print(torchvision.models.list_models())')"
-        )
-    kwargs: dict[str, Any] = {}
-    if num_classes is not None:
-        if num_classes < 1:
-            raise CLIError(f"--num-classes {num_classes} is not allowed; expected >= 1")
-        kwargs["num_classes"] = num_classes
-    if name in ("googlenet", "inception_v3"):
-        kwargs["init_weights"] = True  # silences torchvision's warning about the default
-    return torchvision.models.get_model(name, weights=None, **kwargs)
-
-
-def load_weights_file(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """A state dict from a safetensors file or a ``torch.save`` file, never running pickled code.
-
-    Checkpoints that wrap the state dict (``{"state_dict": ...}`` or ``{"model": ...}``)
-    are unwrapped, and a ``module.`` prefix left by DataParallel/DDP is removed.
-    """
-    import torch
-
-    file = Path(path)
-    if not file.is_file():
-        raise CLIError(f"weights file {file} does not exist")
-    if file.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            state: Any = load_file(str(file), device="cpu")
-        except (SafetensorError, OSError, ValueError) as error:
-            raise CLIError(f"cannot read {file} as safetensors: {_one_line(error)}") from None
-    else:
-        try:
-            state = torch.load(file, map_location="cpu", weights_only=True)
-        except Exception as error:  # any unpickling failure is the file's fault
-            raise CLIError(
-                f"cannot read {file} as a weights-only torch.save file: {_one_line(error)} "
-                "(stagecomp never unpickles arbitrary objects; save model.state_dict() "
-                "or use safetensors)"
-            ) from None
-    for key in ("state_dict", "model", "model_state_dict"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-            break
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CLIError(f"{file} does not hold a state dict (a mapping of names to tensors)")
-    if state and all(k.startswith("module.") for k in state):
-        state = {k.removeprefix("module."): v for k, v in state.items()}
-    return dict(state)
-
-
-def _last_weight(state: dict[str, Any]) -> str:
-    """The classifier's weight: the last weight of the state dict."""
-    weights = [k for k in state if k.endswith(".weight")]
-    return weights[-1] if weights else ""
-
-
-def _load_into(model: Any, state: dict[str, Any], file: str, name: str) -> None:
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    problems = []
-    if missing:
-        problems.append(f"missing {len(missing)} key(s) such as {missing[0]!r}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected key(s) such as {unexpected[0]!r}")
-    if wrong:
-        key = wrong[0]
-        hint = (
-            " (try --num-classes)" if key.endswith(".weight") and key == _last_weight(own) else ""
-        )
-        problems.append(
-            f"{key!r} has shape {tuple(state[key].shape)} but {name} has "
-            f"{tuple(own[key].shape)}{hint}"
-        )
-    if problems:
-        raise CLIError(f"weights file {file} does not fit {name}: {'; '.join(problems)}")
-    model.load_state_dict(state)
-
-
 def _parse_rank(text: str) -> int | tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(","))
@@ -228,11 +133,7 @@ def _parse_rank(text: str) -> int | tuple[int, ...]:
     return values[0] if len(values) == 1 else values
 
 
-def _strategy(args: argparse.Namespace) -> Any:
-    from stagecomp.strategies.manual import Manual
-    from stagecomp.strategies.reduction import Reduction
-    from stagecomp.strategies.vbmf import VBMF
-
+def _strategy(args: argparse.Namespace) -> RankStrategy:
     owner = {"rate": "reduction", "weakening": "vbmf", "rank": "manual"}
     for option, strategy in owner.items():
         if getattr(args, option) is not None and args.strategy != strategy:
@@ -248,60 +149,44 @@ def _strategy(args: argparse.Namespace) -> Any:
     return Manual(rank=args.rank)
 
 
-def compressor_summary(compressor: Any) -> dict[str, Any]:
-    """Whole-model and per-layer totals of a Compressor's run, JSON-ready.
-
-    ``stagecomp report`` shows them when a save carries them in ``extra["summary"]``.
-    """
-    history = compressor.history
-    original = compressor.original_stats
-    layer_macs: dict[str, list[int | None]] = {}
-    layer_params: dict[str, list[int]] = {}
-    for result in history:
-        for change in result.changes:
-            if change.name not in layer_macs:
-                layer_macs[change.name] = [change.macs_before, change.macs_before]
-                layer_params[change.name] = [change.params_before, change.params_before]
-            if change.skipped is None:
-                layer_macs[change.name][1] = change.macs_after
-                layer_params[change.name][1] = change.params_after
-    first_params = history[0].params_before if history else None
-    return {
-        "params_before": original.params if original else first_params,
-        "params_after": history[-1].params_after if history else None,
-        "macs_before": original.macs if original else None,
-        "macs_after": history[-1].macs_after if history else None,
-        "layer_macs": layer_macs,
-        "layer_params": layer_params,
-        "layer_order": list(layer_macs),  # JSON objects are saved with sorted keys
-        "steps": len(history),
-    }
+def _count_targets(model: nn.Module, strategy: RankStrategy, common: dict[str, Any]) -> int:
+    """How many layers the run will decompose: its plan, computed without counting MACs."""
+    plan = build_plan(
+        model,
+        strategy=strategy,
+        ranks={},
+        exclude=common["exclude"],
+        methods=common["methods"],
+        factors=None,
+        options=common["options"],
+        stages=1,
+        layers_per_step=1,
+        order="model",
+        layer_macs=None,
+        calibrated=False,
+    )
+    return len(plan.targets)
 
 
 def _compress(args: argparse.Namespace) -> int:
-    import torch
-
-    from stagecomp.compressor import Compressor
-    from stagecomp.options import DecomposeOptions
-    from stagecomp.serialization import save
-
-    _set_threads(args.threads)
+    _at_least_one("--threads", args.threads)
     strategy = _strategy(args)
     if args.input_size < 8:
         raise CLIError(f"--input-size {args.input_size} is too small; expected >= 8 pixels")
-    for label, value in (("--stages", args.stages), ("--layers-per-step", args.layers_per_step)):
-        if value is not None and value < 1:
-            raise CLIError(f"{label} {value} is not allowed; expected an integer >= 1")
+    _at_least_one("--stages", args.stages)
+    _at_least_one("--layers-per-step", args.layers_per_step)
     try:
         device = torch.device(args.device)
     except RuntimeError as error:
         raise CLIError(f"--device {args.device!r}: {_one_line(error)}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CLIError("--device cuda was asked for, but torch sees no CUDA device here")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     model = build_torchvision_model(args.model, args.num_classes)
     if args.weights is not None:
-        _load_into(model, load_weights_file(args.weights), args.weights, args.model)
+        load_into(model, load_weights_file(args.weights), args.weights, args.model)
     model = model.to(device).eval()
     example = torch.randn(1, 3, args.input_size, args.input_size, device=device)
     try:
@@ -315,15 +200,14 @@ def _compress(args: argparse.Namespace) -> int:
 
     common: dict[str, Any] = {
         "exclude": args.exclude or [],
-        "conv_method": args.conv_method,
-        "linear_method": args.linear_method,
+        "methods": kind_methods(model, args.conv_method, args.linear_method),
         "stages": args.stages,
         "order": args.order,
         "options": DecomposeOptions(seed=args.seed),
     }
     layers_per_step = args.layers_per_step
     if layers_per_step is None:  # one step per stage: count the targets cheaply first
-        layers_per_step = len(Compressor(model, strategy, progress=False, **common).targets)
+        layers_per_step = _count_targets(model, strategy, common)
     started = time.perf_counter()
     compressor = Compressor(
         model,
@@ -377,133 +261,6 @@ def _compress(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------- report
-def _describe_shape(shape: Any) -> str:
-    if shape.kind == "linear":
-        return f"Linear {shape.in_channels}->{shape.out_channels}"
-    kh, kw = shape.kernel_size
-    text = f"Conv2d {shape.in_channels}->{shape.out_channels} {kh}x{kw}"
-    if shape.stride != (1, 1):
-        text += (
-            f" s{shape.stride[0]}" if shape.stride[0] == shape.stride[1] else f" s{shape.stride}"
-        )
-    if shape.groups > 1:
-        text += f" g{shape.groups}"
-    return text
-
-
-def _natural_key(name: str) -> list[tuple[int, int | str]]:
-    return [(0, int(part)) if part.isdigit() else (1, part) for part in name.split(".")]
-
-
-def _model_order(names: list[str], recorded: Any) -> list[str]:
-    """Recorded model order when the save has it, else a natural sort (layer2 < layer10)."""
-    order = [n for n in recorded if n in names] if isinstance(recorded, list) else []
-    rest = sorted((n for n in names if n not in order), key=_natural_key)
-    return order + rest
-
-
-def format_saved_report(path: str | os.PathLike[str]) -> str:
-    """The table of a folder written by ``stagecomp.save``, from its recipe alone.
-
-    Parameter counts come from the layer classes' ``param_count``, so no model is
-    built. Whole-model totals and MACs appear when the save records them
-    (``stagecomp compress`` and ``stagecomp demo --out`` do).
-    """
-    from stagecomp.layer_shape import LayerShape
-    from stagecomp.options import DecomposeOptions
-    from stagecomp.registry import layer_class
-    from stagecomp.serialization import read_recipe
-
-    recipe = read_recipe(path)
-    layers: dict[str, Any] = recipe["layers"]
-    extra = recipe.get("extra") or {}
-    summary = extra.get("summary") if isinstance(extra, dict) else None
-    summary = summary if isinstance(summary, dict) else {}
-    layer_macs = summary.get("layer_macs") or {}
-    lines = [
-        f"{path}: {len(layers)} decomposed layer(s); format {recipe['format_version']}, "
-        f"written by stagecomp {recipe.get('stagecomp_version', '?')} with torch "
-        f"{recipe.get('torch_version', '?')}"
-    ]
-    if isinstance(extra, dict) and extra.get("model"):
-        strategy = extra.get("strategy") or {}
-        described = ", ".join(f"{k} {v}" for k, v in strategy.items() if k != "strategy")
-        lines.append(
-            f"model {extra['model']} at {extra.get('input_size', '?')} px, strategy "
-            f"{strategy.get('strategy', '?')}{f' ({described})' if described else ''}, "
-            f"{extra.get('stages', '?')} stage(s)"
-        )
-    if not layers:
-        lines.append("no layer is decomposed in this save")
-        return "\n".join(lines)
-    width = max(28, *(len(name) for name in layers))
-    show_macs = bool(layer_macs)
-    header = (
-        f"{'layer':<{width}} {'method':<8} {'ranks':<14} {'original':<26} {'params':>19} {'x':>6}"
-    )
-    if show_macs:
-        header += f" {'MACs':>19} {'x':>6}"
-    lines += ["", header]
-    total_before = total_after = 0
-    macs_before = macs_after = 0
-    for name in _model_order(list(layers), summary.get("layer_order")):
-        entry = layers[name]
-        try:
-            shape = LayerShape.from_dict(entry["original"])
-            structure = {
-                k: tuple(v) if isinstance(v, list) else v
-                for k, v in dict(entry.get("structure", {})).items()
-            }
-            options = DecomposeOptions().updated(structure)
-            cls = layer_class(str(entry["method"]), shape, name)
-            ranks = tuple(int(r) for r in entry["ranks"])
-            after = cls.param_count(shape, ranks, options)
-        except StagecompError:
-            raise
-        except (KeyError, TypeError, ValueError) as error:
-            raise CLIError(
-                f"recipe entry for layer {name!r} is invalid: {_one_line(error)}"
-            ) from None
-        before = shape.dense_params
-        total_before += before
-        total_after += after
-        row = (
-            f"{name:<{width}} {cls.method:<8} {','.join(map(str, ranks)):<14} "
-            f"{_describe_shape(shape):<26} {_human(before) + ' -> ' + _human(after):>19} "
-            f"{_ratio(before, after):>6}"
-        )
-        if show_macs:
-            pair = layer_macs.get(name) or [None, None]
-            macs_before += pair[0] or 0
-            macs_after += pair[1] or 0
-            row += (
-                f" {_human(pair[0]) + ' -> ' + _human(pair[1]):>19} {_ratio(pair[0], pair[1]):>6}"
-            )
-        lines.append(row)
-    lines.append("")
-    totals = (
-        f"decomposed layers: params {_human(total_before)} -> {_human(total_after)} "
-        f"({_ratio(total_before, total_after)} fewer)"
-    )
-    if show_macs:
-        totals += f", MACs {_human(macs_before)} -> {_human(macs_after)} "
-        totals += f"({_ratio(macs_before, macs_after)} fewer)"
-    lines.append(totals)
-    if summary.get("params_before") and summary.get("params_after"):
-        model_line = (
-            f"whole model: params {_human(summary['params_before'])} -> "
-            f"{_human(summary['params_after'])} "
-            f"({_ratio(summary['params_before'], summary['params_after'])} fewer)"
-        )
-        if summary.get("macs_before") and summary.get("macs_after"):
-            model_line += (
-                f", MACs {_human(summary['macs_before'])} -> {_human(summary['macs_after'])} "
-                f"({_ratio(summary['macs_before'], summary['macs_after'])} fewer)"
-            )
-        lines.append(model_line)
-    return "\n".join(lines)
-
-
 def _report(args: argparse.Namespace) -> int:
     print(format_saved_report(args.path))
     return 0
@@ -521,10 +278,23 @@ examples:
 Python: import stagecomp; help(stagecomp.Compressor)"""
 
 
+def _command(
+    commands: Any,
+    name: str,
+    handler: Callable[[argparse.Namespace], int],
+    help: str,
+    description: str,
+) -> argparse.ArgumentParser:
+    """A subcommand whose parsed arguments are handled by ``handler(args)``."""
+    command: argparse.ArgumentParser = commands.add_parser(
+        name, help=help, description=description, formatter_class=_HelpFormatter
+    )
+    command.set_defaults(handler=handler)
+    return command
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``stagecomp`` command."""
-    from stagecomp import __version__
-
     parser = _Parser(
         prog="stagecomp",
         description=(
@@ -538,8 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = commands.add_parser(
+    demo = _command(
+        commands,
         "demo",
+        _demo,
         help="train a small CNN on real digits and compress it in stages (no download)",
         description=(
             "Train a CNN on scikit-learn's 1797 real 8x8 digits, compress it in stages with "
@@ -547,7 +319,6 @@ def build_parser() -> argparse.ArgumentParser:
             "and measured CPU latency against the original. Deterministic for a seed and a "
             "thread count; about 20 s on 2 cores."
         ),
-        formatter_class=_HelpFormatter,
     )
     demo.add_argument("--seed", type=int, default=0, help="seed of data split, model and training")
     demo.add_argument("--rate", type=float, default=3.0, help="parameter reduction per layer")
@@ -565,10 +336,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="also write demo.txt, demo.csv, a demo.png plot and the compressed model here",
     )
-    demo.set_defaults(handler=_demo)
 
-    compress = commands.add_parser(
+    compress = _command(
+        commands,
         "compress",
+        _compress,
         help="compress a torchvision model and save it",
         description=(
             "Compress a torchvision classifier (random weights, or yours with --weights) in "
@@ -576,7 +348,6 @@ def build_parser() -> argparse.ArgumentParser:
             "stagecomp.save. No fine-tuning happens here: for that, use the Python API "
             "(stagecomp.Compressor) and your own training loop between steps."
         ),
-        formatter_class=_HelpFormatter,
     )
     compress.add_argument("model", metavar="MODEL", help="torchvision model name, e.g. resnet18")
     compress.add_argument(
@@ -672,10 +443,11 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument(
         "--out", required=True, metavar="DIR", help="folder to save the compressed model in"
     )
-    compress.set_defaults(handler=_compress)
 
-    report = commands.add_parser(
+    report = _command(
+        commands,
         "report",
+        _report,
         help="show the layers, ranks and parameter counts of a saved compressed model",
         description=(
             "Print the table of a folder written by stagecomp.save (or stagecomp compress): "
@@ -684,7 +456,6 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     report.add_argument("path", metavar="DIR", help="folder holding stagecomp.json")
-    report.set_defaults(handler=_report)
     return parser
 
 
@@ -708,6 +479,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         print(f"stagecomp: error: {message}", file=sys.stderr)
         return EXIT_ERROR
+
+
+# Kept importable from here for older code: they now live in the library modules.
+__all__ = [
+    "CLIError",
+    "build_parser",
+    "build_torchvision_model",
+    "compressor_summary",
+    "format_saved_report",
+    "load_weights_file",
+    "main",
+]
 
 
 if __name__ == "__main__":  # pragma: no cover

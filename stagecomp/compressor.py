@@ -18,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from stagecomp.changes import LayerChange, StepResult
-from stagecomp.config import Calibration, latency_from_dict
+from stagecomp.config import Calibration
 from stagecomp.distributed import shared_step, use_distributed
 from stagecomp.errors import CompressionFinishedError, RecipeError, StagecompError
 from stagecomp.job import JobContext, run_layer_job
@@ -28,20 +28,24 @@ from stagecomp.options import DecomposeOptions
 from stagecomp.plan import LayerRank, Plan, PlannedLayer, build_plan, decomposable_layers
 from stagecomp.recipe import apply_recipe, model_recipe, undo_recipe
 from stagecomp.report import format_report
+from stagecomp.state import (
+    STATE_FORMAT,
+    compressor_arguments,
+    encode_rank,
+    saved_config,
+    step_from_dict,
+    step_to_dict,
+)
 from stagecomp.stats import ModelStats, model_stats
 from stagecomp.step_statistics import step_statistics, uses_statistics
 from stagecomp.strategies import (
     StrategyLike,
     needs_calibration,
     resolve_strategy,
-    strategy_from_dict,
 )
 from stagecomp.surgery import get_module, replace_module
 
 logger = logging.getLogger(__name__)
-
-STATE_FORMAT = 2
-"""Format 2 holds the configuration with the plan; format 1 (progress only) still loads."""
 
 
 class Compressor(metaclass=AcceptsLegacyArguments):
@@ -312,7 +316,7 @@ class Compressor(metaclass=AcceptsLegacyArguments):
         """The run's settings as JSON (data and code recorded as present, not written)."""
         return {
             "strategy": self.strategy.to_dict(),
-            "ranks": {k: _encode_rank(v) for k, v in self._ranks.items()},
+            "ranks": {k: encode_rank(v) for k, v in self._ranks.items()},
             "exclude": list(self._exclude),
             "methods": dict(self._methods),
             "layers_per_step": self.layers_per_step,
@@ -336,17 +340,7 @@ class Compressor(metaclass=AcceptsLegacyArguments):
             "step_index": self.step_index,
             "plan": self.plan.signature(),
             "recipe": model_recipe(self.model),
-            "history": [
-                {
-                    "step": r.step,
-                    "changes": [c.to_dict() for c in r.changes],
-                    "macs_before": r.macs_before,
-                    "macs_after": r.macs_after,
-                    "params_before": r.params_before,
-                    "params_after": r.params_after,
-                }
-                for r in self.history
-            ],
+            "history": [step_to_dict(r) for r in self.history],
         }
 
     @classmethod
@@ -371,39 +365,13 @@ class Compressor(metaclass=AcceptsLegacyArguments):
             RecipeError: the state is damaged, of another format, or does not fit.
             StagecompError: data the saved run used is not given again.
         """
-        config = _saved_config(state)
-        try:
-            saved_calibration = config["calibration"]
-            if saved_calibration is not None and calibration is None:
-                raise StagecompError(
-                    "the saved run used calibration data; pass calibration=batches again"
-                )
-            if saved_calibration is not None and not isinstance(calibration, Calibration):
-                calibration = Calibration.from_dict(saved_calibration, calibration)  # type: ignore[arg-type]
-            if config["example_input"] and example_input is None:
-                raise StagecompError(
-                    "the saved run counted MACs on an example input; pass example_input again"
-                )
-            if latency_aware is None and config["latency_aware"] is not None:
-                latency_aware = latency_from_dict(config["latency_aware"])
-            compressor = cls(
-                model,
-                strategy_from_dict(config["strategy"]),
-                example_input,
-                ranks={k: _decode_rank(v) for k, v in config["ranks"].items()},
-                exclude=list(config["exclude"]),
-                methods=dict(config["methods"]),
-                layers_per_step=int(config["layers_per_step"]),
-                stages=int(config["stages"]),
-                order=str(config["order"]),
-                progress=progress,
-                calibration=calibration,  # type: ignore[arg-type]
-                latency_aware=latency_aware,
-                options=DecomposeOptions.from_dict(dict(config["options"])),
-                distributed=config["distributed"],
-            )
-        except (KeyError, TypeError, AttributeError) as error:
-            raise RecipeError(f"the saved compressor configuration is damaged: {error}") from None
+        arguments = compressor_arguments(
+            saved_config(state),
+            example_input=example_input,
+            calibration=calibration,
+            latency_aware=latency_aware,
+        )
+        compressor = cls(model, progress=progress, **arguments)
         compressor.load_state_dict(state)
         return compressor
 
@@ -434,7 +402,7 @@ class Compressor(metaclass=AcceptsLegacyArguments):
         try:
             step_index = int(state["step_index"])
             recipe = dict(state["recipe"])
-            history = [_step_from_dict(r) for r in state.get("history", [])]
+            history = [step_from_dict(r) for r in state.get("history", [])]
         except (KeyError, TypeError, ValueError, AttributeError) as error:
             raise RecipeError(f"the saved compressor state is damaged: {error!r}") from None
         if not 0 <= step_index <= len(self.plan.steps):
@@ -464,47 +432,6 @@ def _check_type(label: str, value: object, expected: type, example: str) -> None
 def _names(names: Sequence[str]) -> str:
     shown = ", ".join(repr(n) for n in names[:3])
     return shown + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-
-
-def _encode_rank(value: LayerRank) -> Any:
-    if value is None or isinstance(value, int):
-        return value
-    if hasattr(value, "to_dict"):
-        return value.to_dict()
-    return [int(v) for v in value]
-
-
-def _decode_rank(value: Any) -> LayerRank:
-    if isinstance(value, dict):
-        return strategy_from_dict(value)
-    if isinstance(value, list):
-        return tuple(int(v) for v in value)
-    return value
-
-
-def _saved_config(state: Mapping[str, Any]) -> Mapping[str, Any]:
-    if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
-        found = state.get("format") if isinstance(state, Mapping) else type(state).__name__
-        raise RecipeError(
-            f"Compressor.from_state needs a state of format {STATE_FORMAT} (it holds the "
-            f"configuration); got format {found!r}: build the Compressor with the run's "
-            "arguments and call load_state_dict instead"
-        )
-    config = state.get("config")
-    if not isinstance(config, Mapping):
-        raise RecipeError("the saved compressor state has no configuration")
-    return config
-
-
-def _step_from_dict(data: Mapping[str, Any]) -> StepResult:
-    return StepResult(
-        step=int(data["step"]),
-        changes=[LayerChange.from_dict(c) for c in data["changes"]],
-        macs_before=data.get("macs_before"),
-        macs_after=data.get("macs_after"),
-        params_before=int(data.get("params_before", 0)),
-        params_after=int(data.get("params_after", 0)),
-    )
 
 
 __all__ = [

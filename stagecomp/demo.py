@@ -23,6 +23,7 @@ from torch import nn
 
 from stagecomp.compressor import Compressor
 from stagecomp.digits import DigitsCNN, accuracy, load_digits_data, train
+from stagecomp.report import compressor_summary
 from stagecomp.serialization import save
 from stagecomp.stats import model_stats
 from stagecomp.strategies.reduction import Reduction
@@ -239,8 +240,6 @@ def write_outputs(result: DemoResult, folder: str | Path) -> dict[str, Path]:
         f"(seed {settings['seed']})"
     )
     plot = plot_rows(result.rows, out / "demo.png", title)
-    from stagecomp.cli import compressor_summary
-
     model = save(
         result.model,
         out / "model",

@@ -46,3 +46,7 @@ class DistributedError(StagecompError, RuntimeError):
 
 class MethodRegistrationError(StagecompError, ValueError):
     """A method handler cannot be registered: its name or one of its layer classes is taken."""
+
+
+class UnknownModelError(StagecompError, ValueError):
+    """A model name (or an option of it) that stagecomp's model zoo cannot build."""

@@ -20,6 +20,7 @@ from torch import nn
 
 from stagecomp.errors import RecipeError
 from stagecomp.recipe import apply_recipe, model_recipe, undo_recipe
+from stagecomp.version import __version__
 
 FORMAT_VERSION = 1
 RECIPE_FILE = "stagecomp.json"
@@ -27,8 +28,6 @@ WEIGHTS_FILE = "model.safetensors"
 
 
 def _version() -> str:
-    from stagecomp import __version__
-
     return __version__
 
 
