@@ -27,7 +27,7 @@ from stagecomp.legacy import AcceptsLegacyArguments
 from stagecomp.options import DecomposeOptions
 from stagecomp.plan import LayerRank, Plan, PlannedLayer, build_plan, decomposable_layers
 from stagecomp.recipe import apply_recipe, model_recipe, undo_recipe
-from stagecomp.report import format_report
+from stagecomp.report import format_run_report
 from stagecomp.state import (
     STATE_FORMAT,
     compressor_arguments,
@@ -306,7 +306,16 @@ class Compressor(metaclass=AcceptsLegacyArguments):
     # ------------------------------------------------------------------ reporting
     def report(self) -> str:
         """A readable table: per layer and step, method, ranks, params, MACs, error; totals."""
-        return format_report(self)
+        return format_run_report(
+            targets=len(self.plan.targets),
+            stages=self.stages,
+            layers_per_step=self.layers_per_step,
+            step_index=self.step_index,
+            total_steps=self.total_steps,
+            skipped=self.plan.skipped,
+            history=self.history,
+            original_macs=self.original_stats.macs if self.original_stats else None,
+        )
 
     def __str__(self) -> str:
         return self.report()

@@ -20,6 +20,7 @@ from stagecomp.layers.base import DecomposedLayer, Rank
 from stagecomp.matching import check_keys, key_matches, lookup, select
 from stagecomp.methods import check_method, default_method, get_method
 from stagecomp.options import DecomposeOptions
+from stagecomp.report import format_plan
 from stagecomp.strategies import Manual, RankStrategy, unavailable_reason
 from stagecomp.strategies.reduction import rank_at_step
 
@@ -91,7 +92,11 @@ class Plan:
         }
 
     def __str__(self) -> str:
-        return _format_plan(self)
+        return format_plan(
+            [[(stage, t.name, t.method, t.factors) for stage, t in step] for step in self.steps],
+            {t.name: t.note for t in self.targets if t.note},
+            self.skipped,
+        )
 
 
 def decomposable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -298,27 +303,6 @@ def _planned_layer(
         note = f"{method} has no data-aware factors here: weight-only factors"
         variant = None
     return PlannedLayer(name, method, strategy, variant or WEIGHT, pinned, note)
-
-
-def _format_plan(plan: Plan) -> str:
-    lines = [
-        f"plan: {len(plan.targets)} target layers in {len(plan.steps)} step(s)",
-    ]
-    for index, step in enumerate(plan.steps, start=1):
-        names = ", ".join(
-            f"{t.name} ({t.method}{'' if t.factors == WEIGHT else ', ' + t.factors}"
-            f"{', stage ' + str(stage + 1) if stage else ''})"
-            for stage, t in step
-        )
-        lines.append(f"  step {index}: {names}")
-    notes = [(t.name, t.note) for t in plan.targets if t.note]
-    if notes:
-        lines.append("notes:")
-        lines.extend(f"  {name}: {note}" for name, note in notes)
-    if plan.skipped:
-        lines.append("skipped:")
-        lines.extend(f"  {name}: {reason}" for name, reason in plan.skipped.items())
-    return "\n".join(lines)
 
 
 __all__ = [

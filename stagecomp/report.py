@@ -64,7 +64,7 @@ def format_run_report(
         lines.append("skipped layers:")
         lines.extend(f"  {name}: {reason}" for name, reason in skipped.items())
     header = (
-        f"{'step':>4} {'stage':>5}  {'layer':<28} {'method':<8} {'ranks':<14} "
+        f"{'step':>4} {'stage':>5}  {'layer':<28} {'method':<8} {'fit':<8} {'ranks':<14} "
         f"{'params':>17} {'MACs':>17} {'w.err':>7}"
     )
     first_params = history[0].params_before if history else None
@@ -77,7 +77,8 @@ def format_run_report(
             params = f"{format_count(ch.params_before)} -> {format_count(ch.params_after)}"
             macs = f"{format_count(ch.macs_before)} -> {format_count(ch.macs_after)}"
             row = (
-                f"{result.step:>4} {ch.stage + 1:>5}  {ch.name:<28} {ch.method:<8} {ranks:<14} "
+                f"{result.step:>4} {ch.stage + 1:>5}  {ch.name:<28} {ch.method:<8} "
+                f"{ch.factors or '-':<8} {ranks:<14} "
                 f"{params:>17} {macs:>17} {err:>7}"
             )
             if ch.skipped:
@@ -95,6 +96,31 @@ def format_run_report(
         )
     if not history:
         lines.append("no step has run yet")
+    return "\n".join(lines)
+
+
+def format_plan(
+    steps: Sequence[Sequence[tuple[int, str, str, str]]],
+    notes: Mapping[str, str],
+    skipped: Mapping[str, str],
+) -> str:
+    """A plan before it runs: per step its layers as ``(stage, name, method, factors)``,
+    then the notes on planned layers and the skipped layers with their reasons."""
+    count = len({name for step in steps for _, name, _, _ in step})
+    lines = [f"plan: {count} target layers in {len(steps)} step(s)"]
+    for index, step in enumerate(steps, start=1):
+        layers = ", ".join(
+            f"{name} ({method}{'' if factors == 'weight' else ', ' + factors}"
+            f"{', stage ' + str(stage + 1) if stage else ''})"
+            for stage, name, method, factors in step
+        )
+        lines.append(f"  step {index}: {layers}")
+    if notes:
+        lines.append("notes:")
+        lines.extend(f"  {name}: {note}" for name, note in notes.items())
+    if skipped:
+        lines.append("skipped:")
+        lines.extend(f"  {name}: {reason}" for name, reason in skipped.items())
     return "\n".join(lines)
 
 
