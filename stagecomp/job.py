@@ -95,6 +95,9 @@ def run_layer_job(
         change.skipped = (
             f"ranks {ranks} would not reduce parameters ({new_params} >= {params_before})"
         )
+        hint = getattr(target.strategy, "full_rank_hint", None)
+        if hint and ranks == cls.full_rank(shape, context.options):
+            change.skipped = hint
         return change, None
     new, change.factors = _build(module, shape, method, ranks, target, context, statistics)
     change.params_after = sum(p.numel() for p in new.parameters())

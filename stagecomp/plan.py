@@ -218,8 +218,7 @@ def build_plan(
         skipped[name] = reason or "skipped"
     if not targets:
         raise NoMatchingLayerError(
-            "no layer of the model can be compressed: "
-            + ("; ".join(f"{n}: {r}" for n, r in skipped.items()) or "it has none")
+            "no layer of the model can be compressed: " + (_grouped(skipped) or "it has none")
         )
     if order == "macs" and layer_macs is not None:
         targets.sort(key=lambda t: -layer_macs.get(t.name, 0))
@@ -228,6 +227,18 @@ def build_plan(
         tuple(flat[i : i + layers_per_step]) for i in range(0, len(flat), layers_per_step)
     )
     return Plan(tuple(targets), skipped, steps)
+
+
+def _grouped(skipped: Mapping[str, str]) -> str:
+    """Skip reasons with the layers that share each, so one reason is said once."""
+    by_reason: dict[str, list[str]] = {}
+    for name, reason in skipped.items():
+        by_reason.setdefault(reason, []).append(name)
+    parts = []
+    for reason, names in by_reason.items():
+        shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        parts.append(f"{len(names)} layer(s) ({shown}): {reason}")
+    return "; ".join(parts)
 
 
 def _strategy_for(
@@ -239,7 +250,8 @@ def _strategy_for(
     if value is None:
         return None
     if isinstance(value, (int, Sequence)) or hasattr(value, "__index__"):
-        return Manual(rank=value)  # type: ignore[arg-type]
+        # Ranks given to this layer by its exact name are taken even if the layer grows.
+        return Manual(rank=value, allows_growth=name in ranks)  # type: ignore[arg-type]
     return value
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
 
 from stagecomp.layer_shape import LayerShape
 from stagecomp.layers.base import DecomposedLayer, Rank
@@ -26,12 +25,14 @@ class Manual:
     Attributes:
         rank: Ranks for every layer that has no entry in ``Compressor(ranks=...)``;
             ``None`` compresses only the layers named there.
+        allows_growth: Keep these ranks even where the layer would get more parameters
+            than it has. The Compressor sets it for ranks given to one layer by its exact
+            name in ``ranks=``; elsewhere a layer that would grow is skipped with the reason.
     """
 
     rank: Rank | None = None
 
-    allows_growth: ClassVar[bool] = True
-    """Manual ranks are what the user asked for, even where the layer would grow."""
+    allows_growth: bool = False
 
     def unavailable_reason(self) -> str | None:
         """Why this strategy sizes no layer: no rank given for it."""
@@ -72,4 +73,4 @@ class Manual:
 
     def to_dict(self) -> dict[str, object]:
         rank = list(self.rank) if isinstance(self.rank, (tuple, list)) else self.rank
-        return {"strategy": "manual", "rank": rank}
+        return {"strategy": "manual", "rank": rank, "allows_growth": self.allows_growth}

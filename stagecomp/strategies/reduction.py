@@ -86,11 +86,11 @@ class Reduction:
         if (
             isinstance(self.rate, bool)
             or not isinstance(self.rate, (int, float))
-            or not (math.isfinite(self.rate) and self.rate >= 1)
+            or not (math.isfinite(self.rate) and self.rate > 1)
         ):
             raise RankError(
-                f"reduction rate {self.rate!r} is not allowed; expected a number >= 1 "
-                "(e.g. 2 for 2x fewer parameters)"
+                f"reduction rate {self.rate!r} is not allowed; expected a number > 1 "
+                "(e.g. 2 for 2x fewer parameters; 1 would change the layers and save nothing)"
             )
 
     def choose_ranks(self, request: RankRequest) -> tuple[int, ...]:
