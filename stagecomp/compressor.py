@@ -17,6 +17,7 @@ from typing import Any
 from torch import nn
 from tqdm.auto import tqdm
 
+from stagecomp.blocks import find_blocks
 from stagecomp.changes import LayerChange, StepResult
 from stagecomp.config import Calibration
 from stagecomp.distributed import shared_step, use_distributed
@@ -28,6 +29,7 @@ from stagecomp.options import DecomposeOptions
 from stagecomp.plan import LayerRank, Plan, PlannedLayer, build_plan, decomposable_layers
 from stagecomp.recipe import apply_recipe, model_recipe, undo_recipe
 from stagecomp.report import format_run_report
+from stagecomp.sequential import SequentialStatistics
 from stagecomp.state import (
     STATE_FORMAT,
     compressor_arguments,
@@ -129,6 +131,11 @@ class Compressor(metaclass=AcceptsLegacyArguments):
 
         self._stats: ModelStats | None = self._count()
         self.original_stats = self._stats
+        blocks = (
+            find_blocks(model, calibration.blocks)
+            if calibration is not None and calibration.blocks is not None
+            else []
+        )
         self.plan: Plan = build_plan(
             model,
             strategy=self.strategy,
@@ -142,8 +149,21 @@ class Compressor(metaclass=AcceptsLegacyArguments):
             order=order,
             layer_macs=self._stats.layer_macs if self._stats is not None else None,
             calibrated=calibration is not None,
+            blocks=blocks,
         )
         self._check_calibration_use()
+        self._sequential = (
+            SequentialStatistics(
+                model,
+                list(calibration.batches),
+                blocks,
+                forward=calibration.forward,
+                output=calibration.output,
+                mask=calibration.mask,
+            )
+            if calibration is not None and blocks
+            else None
+        )
         self._reference = (
             copy.deepcopy(model) if calibration is not None and calibration.correct_drift else None
         )
@@ -231,6 +251,7 @@ class Compressor(metaclass=AcceptsLegacyArguments):
             [target for _, target in chunk],
             reference=self._reference,
             progress=self.progress,
+            sequential=self._sequential,
         )
 
         def job(stage: int, target: PlannedLayer) -> tuple[LayerChange, nn.Module | None]:

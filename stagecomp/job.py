@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from stagecomp.calibration import LayerStatistics
+from stagecomp.calibration import NO_GRADIENT, LayerStatistics
 from stagecomp.changes import LayerChange
 from stagecomp.data_aware import decompose_data_aware
 from stagecomp.errors import UnsupportedLayerError
@@ -61,6 +61,13 @@ def run_layer_job(
     shape = LayerShape.from_module(module, name)
     params_before = sum(p.numel() for p in module.parameters())
     change = LayerChange(step, stage, name, target.method, None, params_before, params_before)
+    if (
+        target.factors == "gradient"
+        and statistics is not None
+        and statistics.gradient_moment is None
+    ):
+        change.skipped = NO_GRADIENT
+        return change, None
     grow = allows_growth(target.strategy)
     if context.latency is None:
         method = target.method
