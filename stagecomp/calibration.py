@@ -408,6 +408,9 @@ def collect_gradient_moments(
     are in the same units and can be compared. No parameter's ``.grad`` is touched.
 
     Args:
+        mask: Which positions of a batch are samples (default: a dict batch's
+            ``attention_mask``): masked rows of a layer's output gradient are left out,
+            and the random projection is zero at masked positions of the output.
         before_batch: Called with each batch's index before it runs (memory-bounded
             calibration uses it to start the model at a block from cached inputs).
 

@@ -31,7 +31,8 @@ for the sweep), one block's moments and one batch's autograd graph from the bloc
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -39,6 +40,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from stagecomp.blocks import (
+    BlockCall,
     BlockInputs,
     block_index,
     capture_inputs,
@@ -60,6 +62,7 @@ from stagecomp.calibration import (
     sample_rows,
 )
 from stagecomp.layer_shape import LayerShape
+from stagecomp.memory import release_free_memory
 from stagecomp.surgery import eval_mode, get_module
 
 logger = logging.getLogger(__name__)
@@ -80,6 +83,15 @@ def _fingerprint(model: nn.Module, after: Sequence[str]) -> tuple[Any, ...]:
     return tuple(items)
 
 
+@dataclass
+class _Replay:
+    """One batch's cached call of a block, as a batch for ``collect_statistics``."""
+
+    call: BlockCall
+    hidden: torch.Tensor
+    mask: torch.Tensor | None
+
+
 def _replays(inputs: BlockInputs, index: int, hidden: Sequence[torch.Tensor]) -> list[_Replay]:
     return [
         _Replay(inputs.calls[batch][index], hidden[batch], inputs.masks[batch])
@@ -87,21 +99,11 @@ def _replays(inputs: BlockInputs, index: int, hidden: Sequence[torch.Tensor]) ->
     ]
 
 
-class _Replay:
-    """One batch's cached call of a block, as a batch for ``collect_statistics``."""
-
-    def __init__(self, call: Any, hidden: torch.Tensor, mask: torch.Tensor | None) -> None:
-        self.call, self.hidden, self.mask = call, hidden, mask
-
-    def __call__(self, block: nn.Module, _batch: Any = None) -> torch.Tensor:
-        return self.call.run(block, self.hidden)
+def _replay(block: nn.Module, replay: _Replay) -> torch.Tensor:
+    return replay.call.run(block, replay.hidden)
 
 
-def _replay(block: nn.Module, replay: Any) -> torch.Tensor:
-    return replay(block)
-
-
-def _replay_mask(replay: Any) -> torch.Tensor | None:
+def _replay_mask(replay: _Replay) -> torch.Tensor | None:
     return replay.mask
 
 
@@ -134,7 +136,8 @@ class SequentialStatistics:
     """The statistics of a Compressor's steps, block by block (see the module docstring).
 
     Args:
-        model: The model being compressed (read, never changed here).
+        model: The model being compressed (left as it was: blocks are replaced only
+            while a gradient pass runs).
         batches: The calibration batches (kept as a list: each is fed again with its
             cached block inputs).
         blocks: The block names, in order (``stagecomp.blocks.find_blocks``).
@@ -186,6 +189,7 @@ class SequentialStatistics:
             self._inputs, self._index = inputs, index
             self._hidden = [h for h in inputs.hidden[index] if h is not None]
             inputs.hidden = [[] for _ in self.blocks]
+            release_free_memory()
         while self._index < index:
             self._hidden = propagate(self.model, inputs, self._index, self._hidden)
             self._index += 1
@@ -207,6 +211,7 @@ class SequentialStatistics:
 
         A step whose layers span several blocks sees all of them before any is
         compressed, as the unbounded path does (the cache itself stays at the first)."""
+        release_free_memory()  # what the last step's decompositions freed
         by_block: dict[int, list[str]] = {}
         outside: list[str] = []
         for name in names:
@@ -247,6 +252,7 @@ class SequentialStatistics:
             if chosen:
                 with starting_at(self.model, inputs, index, hidden) as select:
                     self._add_gradients(statistics, chosen, progress, select, probes)
+            release_free_memory()
         return statistics
 
     def _add_gradients(
@@ -254,7 +260,7 @@ class SequentialStatistics:
         statistics: dict[str, LayerStatistics],
         names: Sequence[str],
         progress: bool,
-        select: Any = None,
+        select: Callable[[int], None] | None = None,
         probes: int = GRADIENT_PROBES,
     ) -> None:
         if not names:
@@ -314,6 +320,7 @@ def sweep_statistics(
         mask=mask,
         progress=progress,
     )
+    release_free_memory()
     if outside:
         stats = collect_statistics(
             model, batches, outside, forward=forward, progress=progress, mask=mask
@@ -346,12 +353,18 @@ def sweep_statistics(
             else {}
         )
         if gradients:
-            moments = sweep.step(index, hidden, layers, progress)
-            for name, moment in moments.items():
-                stats[name].gradient_moment = moment
+            # Attached in a call, so that only the caller holds this block's moments.
+            _attach(stats, sweep.step(index, hidden, layers, progress))
+        release_free_memory()
         if layers:
             yield inputs, index, stats
         inputs.hidden[index] = []  # this block's inputs are not needed again
+        release_free_memory()  # and neither is what the caller freed
+
+
+def _attach(stats: dict[str, LayerStatistics], moments: dict[str, torch.Tensor]) -> None:
+    for name, moment in moments.items():
+        stats[name].gradient_moment = moment
 
 
 class _GradientSweep:

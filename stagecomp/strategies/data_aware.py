@@ -207,12 +207,13 @@ def allocate_ranks(
     source.probes, source.progress = gradient_probes, progress
     layers: list[_Layer] = []
     for _start, group in source.groups():
-        for name, stats in group.items():
+        for name in list(group):
+            stats = group.pop(name)  # dropped once its costs are known (until a round)
             if gradients and stats.gradient_moment is None:
                 logger.warning("allocate_ranks leaves layer %r dense: %s", name, NO_GRADIENT)
                 continue
             layers.append(_layer_costs(model, name, stats, method, sensitivity, options))
-        group.clear()  # the moments are not needed again until a measurement round
+            del stats
     layers.sort(key=lambda layer: names.index(layer.name))
     budget = sum(layer.dense for layer in layers) / rate
     if sensitivity == "gradient" and rounds == 0:
@@ -227,7 +228,8 @@ def allocate_ranks(
             total=len(layers), desc=f"sensitivity {round_index + 1}/{rounds}", disable=not progress
         )
         for start, group in source.groups():
-            for name, stats in group.items():
+            for name in list(group):
+                stats = group.pop(name)
                 layer = by_name.get(name)
                 if layer is None:
                     continue
@@ -246,7 +248,7 @@ def allocate_ranks(
                     # count it.
                     layer.sensitivity = noise / len(probe.batches) / predicted
                 bar.update()
-            group.clear()
+                del stats, replacement
         bar.close()
         chosen = _lagrangian(layers, budget)
         logger.info("allocation round %d: %s", round_index + 1, chosen)
