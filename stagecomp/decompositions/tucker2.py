@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import torch
 
+from stagecomp.threads import product_threads, single_threaded
 
+
+@single_threaded
 def tucker2(
     kernel: torch.Tensor,
     ranks: tuple[int, int],
@@ -64,6 +67,7 @@ def tucker2(
     return core.reshape(r_out, r_in, kh, kw), u_out, u_in
 
 
+@single_threaded
 def tucker2_recompress(
     core: torch.Tensor,
     u_out: torch.Tensor,
@@ -148,7 +152,8 @@ def _working(tensor: torch.Tensor) -> torch.Tensor:
 def _gram_out(x: torch.Tensor) -> torch.Tensor:
     """Gram matrix ``(a, a)`` of the mode-0 unfolding of ``x`` (a, b, k), in float64."""
     flat = x.reshape(x.shape[0], -1).to(_gram_dtype(x))
-    return flat @ flat.T
+    with product_threads(flat.shape[0] * flat.numel()):
+        return flat @ flat.T
 
 
 def _gram_in(x: torch.Tensor) -> torch.Tensor:
@@ -156,7 +161,8 @@ def _gram_in(x: torch.Tensor) -> torch.Tensor:
     a, b, k = x.shape
     flat = torch.empty((b, a, k), dtype=_gram_dtype(x), device=x.device)
     flat = flat.copy_(x.transpose(0, 1)).reshape(b, a * k)  # one copy: transpose and cast
-    return flat @ flat.T
+    with product_threads(b * flat.numel()):
+        return flat @ flat.T
 
 
 def _gram_dtype(x: torch.Tensor) -> torch.dtype:
@@ -174,12 +180,14 @@ def _gram_dtype(x: torch.Tensor) -> torch.dtype:
 def _project_out(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """``x x0 u.T``: (a, b, k) with u (a, r) -> (r, b, k)."""
     a, b, k = x.shape
-    return (u.T @ x.reshape(a, b * k)).reshape(u.shape[1], b, k)
+    with product_threads(x.numel() * u.shape[1]):
+        return (u.T @ x.reshape(a, b * k)).reshape(u.shape[1], b, k)
 
 
 def _project_in(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """``x x1 u.T``: (a, b, k) with u (b, r) -> (a, r, k)."""
-    return torch.einsum("abk,br->ark", x, u)
+    with product_threads(x.numel() * u.shape[1]):
+        return torch.einsum("abk,br->ark", x, u)
 
 
 def _leading_vectors(x: torch.Tensor, mode: int, rank: int) -> torch.Tensor:
