@@ -37,6 +37,7 @@ busy loops).
 ``torch.set_num_threads`` is process-wide: the bound is meant for a process
 that decomposes from one Python thread at a time, which is how stagecomp runs.
 """
+
 from __future__ import annotations
 
 import functools
