@@ -302,6 +302,21 @@ def test_layer_default_iterates_hooi():
     assert one == pytest.approx(0.57097, abs=5e-5)
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="layers/tucker2_conv2d.py passes options.hooi_iters but not yet options.hooi_tol",
+)
+def test_layer_uses_hooi_tol():
+    dense = conv(in_channels=32, out_channels=40, kernel_size=3, padding=1)
+    with torch.no_grad():
+        dense.weight.copy_(noisy_low_rank_kernel())
+    loose, tight = (
+        Tucker2Conv2d.from_module(dense, (6, 5), options=DecomposeOptions(hooi_tol=tol))
+        for tol in (1e-1, 0.0)
+    )
+    assert not torch.equal(loose.dense_weight(), tight.dense_weight())
+
+
 def test_layer_keeps_device_dtype_mode_and_grad():
     dense = conv(dtype=torch.float32, in_channels=8, out_channels=8, kernel_size=3, padding=1)
     dense.eval()
