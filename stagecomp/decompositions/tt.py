@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from stagecomp.decompositions.svd import truncated_svd
+from stagecomp.threads import single_threaded
 
 # Below this many columns per product, tt_matrix_apply runs one big GEMM instead of a bmm.
 _FEW_COLUMNS = 128
@@ -70,6 +71,7 @@ def factorize_modes(n: int, d: int) -> tuple[int, ...]:
     return tuple(sorted(bins, reverse=True))
 
 
+@single_threaded
 def tt_svd(
     tensor: torch.Tensor,
     ranks: TTRanks = None,
@@ -120,6 +122,7 @@ def tt_svd(
     return cores
 
 
+@single_threaded
 def tt_round(
     cores: Sequence[torch.Tensor],
     ranks: TTRanks = None,
@@ -181,6 +184,7 @@ def tt_to_dense(cores: Sequence[torch.Tensor]) -> torch.Tensor:
     return result.reshape(*(int(c.shape[1]) for c in cores))
 
 
+@single_threaded
 def tt_matrix(
     matrix: torch.Tensor,
     out_modes: Sequence[int],
