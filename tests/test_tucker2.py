@@ -302,10 +302,6 @@ def test_layer_default_iterates_hooi():
     assert one == pytest.approx(0.57097, abs=5e-5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="layers/tucker2_conv2d.py passes options.hooi_iters but not yet options.hooi_tol",
-)
 def test_layer_uses_hooi_tol():
     dense = conv(in_channels=32, out_channels=40, kernel_size=3, padding=1)
     with torch.no_grad():

@@ -94,7 +94,12 @@ class Tucker2Conv2d(DecomposedLayer):
         last = self.last.weight.double().reshape(groups, -1, r_out)
         factors = [
             tucker2_recompress(
-                core[g], last[g], first[g].T, (ranks[0], ranks[1]), hooi_iters=options.hooi_iters
+                core[g],
+                last[g],
+                first[g].T,
+                (ranks[0], ranks[1]),
+                hooi_iters=options.hooi_iters,
+                hooi_tol=options.hooi_tol,
             )
             for g in range(groups)
         ]
@@ -102,7 +107,12 @@ class Tucker2Conv2d(DecomposedLayer):
 
     def _decompose(self, weight: torch.Tensor) -> list[_Factors]:
         return [
-            tucker2(group, (self.ranks[0], self.ranks[1]), hooi_iters=self.options.hooi_iters)
+            tucker2(
+                group,
+                (self.ranks[0], self.ranks[1]),
+                hooi_iters=self.options.hooi_iters,
+                hooi_tol=self.options.hooi_tol,
+            )
             for group in self.shape.grouped_weight(weight)
         ]
 
