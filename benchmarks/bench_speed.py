@@ -44,7 +44,8 @@ from stagecomp.latency_aware import (
     fastest_run,
     layer_inputs,
 )
-from stagecomp.registry import layer_class
+from stagecomp.legacy import kind_methods
+from stagecomp.methods import layer_class
 from stagecomp.stats import layer_macs, model_stats
 from stagecomp.strategies.base import RankRequest
 from stagecomp.surgery import get_module, replace_module
@@ -53,7 +54,8 @@ from stagecomp.timing import describe_device, forward_latency
 GOAL = 0.8
 
 
-Plan = dict[str, tuple[str, tuple[int, ...]]]
+Ranks = tuple[int, ...]
+Plan = dict[str, tuple[str, Ranks]]
 """Layer name -> (method, ranks) of one compression pass."""
 
 
@@ -88,23 +90,45 @@ class StructureTimer:
 def plan_at_rate(
     model: nn.Module, rate: float, conv_method: str, chooser: LatencyChooser | None
 ) -> Plan:
-    """What a ``Reduction(rate)`` pass does to each layer, plain or latency-aware."""
+    """What a ``Reduction(rate)`` pass does to each layer, plain or latency-aware.
+
+    The ranks are asked of the strategy once per candidate method and the chooser
+    times them, as the Compressor's layer job does, without decomposing anything.
+    """
     compressor = sc.Compressor(
-        model, sc.Reduction(rate), None, conv_method=conv_method, progress=False
+        model,
+        sc.Reduction(rate),
+        None,
+        methods=kind_methods(model, conv_method=conv_method),  # kxk convs; 1x1 keep SVD
+        progress=False,
     )
+    options = compressor.options
+
+    def ranks_for(method: str, module: nn.Module, shape: sc.LayerShape, name: str) -> Ranks:
+        cls = layer_class(method, shape, name)
+        cls.check_supported(shape, options, name)
+        request = RankRequest(name, cls, shape, module, 0, 1, options)
+        return compressor.strategy.choose_ranks(request)
+
     plan: Plan = {}
     for target in compressor.targets:
         module = get_module(model, target.name)
         shape = sc.LayerShape.from_module(module, target.name)
         if chooser is not None:
-            choice = chooser.choose(target.name, module, target.strategy, 0, 1, compressor.options)
+            proposals = []
+            pinned = target.method if target.pinned else None
+            for method in chooser.candidate_methods(shape, pinned):
+                try:
+                    proposals.append((method, ranks_for(method, module, shape, target.name)))
+                except (sc.UnsupportedLayerError, ValueError):
+                    continue
+            choice = chooser.choose(target.name, module, proposals, options)
             if choice.method is not None and choice.ranks is not None:
                 plan[target.name] = (choice.method, choice.ranks)
             continue
+        ranks = ranks_for(target.method, module, shape, target.name)
         cls = layer_class(target.method, shape, target.name)
-        request = RankRequest(target.name, cls, shape, module, 0, 1, compressor.options)
-        ranks = target.strategy.choose_ranks(request)
-        if cls.param_count(shape, ranks, compressor.options) < shape.dense_params:
+        if cls.param_count(shape, ranks, options) < shape.dense_params:
             plan[target.name] = (target.method, ranks)
     return plan
 
@@ -179,7 +203,7 @@ def build(
             model,
             sc.Reduction(rate),
             x,
-            conv_method=conv_method,
+            methods=kind_methods(model, conv_method=conv_method),
             layers_per_step=10_000,
             latency_aware=aware,
             progress=False,

@@ -62,7 +62,8 @@ logger = logging.getLogger(__name__)
 class DataAware:
     """Per-layer budget: the smallest ranks whose output error on the calibration data is small.
 
-    Needs ``Compressor(..., calibration=batches)``. For SVD layers (Linear, 1x1 conv)
+    Needs ``Compressor(..., calibration=stagecomp.Calibration(batches, ...))`` (the
+    Compressor refuses it without). For SVD layers (Linear, 1x1 conv)
     the error is the exact relative output error of the whitened truncation; for
     Tucker2 each channel rank keeps ``1 - tolerance^2`` of its channel energy.
 
@@ -160,7 +161,8 @@ def allocate_ranks(
 
     Returns:
         ``{name: rank}``, or ``None`` for a layer best left dense; usable as
-        ``Compressor(ranks=...)`` together with ``data_aware=``.
+        ``Compressor(ranks=...)`` together with
+        ``calibration=stagecomp.Calibration(batches, factors=...)``.
     """
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not rate > 1:
         raise RankError(f"allocate_ranks rate {rate!r} is not allowed; expected a number > 1")
