@@ -39,6 +39,7 @@ from stagecomp.state import (
 from stagecomp.stats import ModelStats, model_stats
 from stagecomp.step_statistics import step_statistics, uses_statistics
 from stagecomp.strategies import (
+    RankStrategy,
     StrategyLike,
     needs_calibration,
     resolve_strategy,
@@ -168,7 +169,8 @@ class Compressor(metaclass=AcceptsLegacyArguments):
                 "calibration was given; pass calibration=stagecomp.Calibration(batches)"
             )
         if self.calibration is not None and not any(uses_statistics(t) for t in self.targets):
-            notes = "; ".join(f"{t.name}: {t.note}" for t in self.targets if t.note)
+            noted = [t.name for t in self.targets if t.note]
+            notes = f"{_names(noted)}: no data-aware factors for their method" if noted else ""
             raise StagecompError(
                 "calibration was given, but no layer uses it: no target has data-aware "
                 f"factors{' (' + notes + ')' if notes else ''} and no strategy reads "
@@ -361,13 +363,15 @@ class Compressor(metaclass=AcceptsLegacyArguments):
         example_input: Any = None,
         calibration: Calibration | Iterable[Any] | None = None,
         latency_aware: LatencyAware | None = None,
+        strategy: RankStrategy | None = None,
         progress: bool = True,
     ) -> Compressor:
         """The Compressor of a saved run, rebuilt on a freshly built ``model`` and resumed.
 
         Every setting comes from ``state``; only what cannot be saved is given again:
         the example input, the calibration batches (or a ``Calibration`` when the run
-        used custom ``forward=``/``output=`` functions) and an injected latency timer.
+        used custom ``forward=``/``output=`` functions), an injected latency timer, and a
+        strategy of your own (the built-in ones are rebuilt from the state).
         Then load the saved weights with ``model.load_state_dict``.
 
         Raises:
@@ -379,6 +383,7 @@ class Compressor(metaclass=AcceptsLegacyArguments):
             example_input=example_input,
             calibration=calibration,
             latency_aware=latency_aware,
+            strategy=strategy,
         )
         compressor = cls(model, progress=progress, **arguments)
         compressor.load_state_dict(state)

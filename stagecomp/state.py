@@ -15,7 +15,7 @@ from stagecomp.errors import RecipeError, StagecompError
 from stagecomp.latency_aware import LatencyAware
 from stagecomp.options import DecomposeOptions
 from stagecomp.plan import LayerRank
-from stagecomp.strategies import strategy_from_dict
+from stagecomp.strategies import RankStrategy, strategy_from_dict
 
 STATE_FORMAT = 2
 """Format 2 holds the configuration with the plan; format 1 (progress only) still loads."""
@@ -57,6 +57,7 @@ def compressor_arguments(
     example_input: Any,
     calibration: Calibration | Iterable[Any] | None,
     latency_aware: LatencyAware | None,
+    strategy: RankStrategy | None = None,
 ) -> dict[str, Any]:
     """The Compressor's arguments (all but the model) from a saved configuration and the
     data given again; ``StagecompError`` names what the saved run used and is missing."""
@@ -75,7 +76,7 @@ def compressor_arguments(
         if latency_aware is None and config["latency_aware"] is not None:
             latency_aware = latency_from_dict(config["latency_aware"])
         return {
-            "strategy": strategy_from_dict(config["strategy"]),
+            "strategy": strategy or strategy_from_dict(config["strategy"]),
             "example_input": example_input,
             "ranks": {str(k): decode_rank(v) for k, v in config["ranks"].items()},
             "exclude": [str(e) for e in config["exclude"]],

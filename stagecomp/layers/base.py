@@ -180,6 +180,16 @@ class DecomposedLayer(nn.Module):
             )
 
     @classmethod
+    def cap_rank(cls, shape: LayerShape, rank: Rank, options: DecomposeOptions) -> Rank:
+        """One integer above the largest full rank means full rank (it is a cap on every
+        rank), so ``Manual(rank=64)`` also serves layers with fewer channels; anything else
+        is returned as given, for ``normalize_rank`` to check."""
+        whole = not isinstance(rank, (Sequence, bool, str)) and hasattr(rank, "__index__")
+        if whole and operator.index(rank) >= 1:  # type: ignore[arg-type]
+            return min(operator.index(rank), max(cls.full_rank(shape, options)))  # type: ignore[arg-type]
+        return rank
+
+    @classmethod
     def normalize_rank(
         cls,
         shape: LayerShape,

@@ -75,7 +75,8 @@ def strategy_from_dict(data: Mapping[str, Any]) -> RankStrategy:
     if name not in STRATEGIES:
         raise StagecompError(
             f"saved strategy {name!r} is not one stagecomp knows; allowed: "
-            f"{', '.join(STRATEGIES)} (a custom strategy must be passed again)"
+            f"{', '.join(STRATEGIES)} (pass a custom strategy again: "
+            "Compressor.from_state(..., strategy=MyStrategy(...)))"
         )
     for key, value in values.items():
         if isinstance(value, list):

@@ -92,7 +92,7 @@ class DataAware:
         if stats is None:
             raise StagecompError(
                 f"layer {request.name!r}: the DataAware strategy needs calibration data; "
-                "pass Compressor(..., calibration=batches)"
+                "pass Compressor(..., calibration=stagecomp.Calibration(batches))"
             )
         shape = request.shape
         handler = get_method(request.cls.method)
