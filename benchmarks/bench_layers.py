@@ -6,7 +6,7 @@ give 2x and 4x fewer parameters, it prints the time to decompose, the
 parameter ratio, the MAC ratio (fvcore) and the forward latency of the dense
 layer divided by the decomposed one's, measured side by side in this process.
 
-Run: ``python benchmarks/bench_layers.py [--device cuda] [--threads 2] [--quick]``
+Run: ``python benchmarks/bench_layers.py [--device cuda] [--threads 2] [--quick] [--methods ht]``
 """
 
 from __future__ import annotations
@@ -40,6 +40,9 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--rates", type=float, nargs="+", default=[2.0, 4.0])
     parser.add_argument("--quick", action="store_true", help="first two layers only")
+    parser.add_argument(
+        "--methods", nargs="+", default=None, help="only these methods (default: every one)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -60,6 +63,8 @@ def main() -> None:
         inputs = {b: torch.randn(b, *in_shape, device=device) for b in args.batches}
         dense_lat = {b: forward_latency(dense, x, min_seconds=0.3) for b, x in inputs.items()}
         for method in methods_for(shape):
+            if args.methods is not None and method not in args.methods:
+                continue
             cls = layer_class(method, shape)
             for rate in args.rates:
                 ranks = ranks_for_reduction(cls, shape, rate, options)

@@ -340,9 +340,7 @@ def test_ht_conv2d_sweep_equals_its_dense_kernel_at_low_rank(geometry: dict[str,
 
 
 @pytest.mark.parametrize("groups", [1, 2])
-@pytest.mark.parametrize(
-    "ranks", [(3, 2, 2, 3, 2), (1, 1, 1, 1, 1), (6, 3, 5, 2, 4)]
-)
+@pytest.mark.parametrize("ranks", [(3, 2, 2, 3, 2), (1, 1, 1, 1, 1), (6, 3, 5, 2, 4)])
 def test_ht_conv2d_recovers_a_kernel_of_exact_ht_ranks(groups: int, ranks: tuple[int, ...]) -> None:
     shape = LayerShape(
         kind="conv2d",

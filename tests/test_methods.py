@@ -137,7 +137,9 @@ def test_a_layer_class_belongs_to_one_method() -> None:
 def test_unknown_names_get_suggestions() -> None:
     with pytest.raises(sc.UnknownMethodError, match=r"did you mean 'tucker2'\?.*allowed: svd,"):
         get_method("tuker2")
-    with pytest.raises(sc.UnknownMethodError, match="allowed: svd, svd_id, tucker2, cp3, cp4, tt, ht"):
+    with pytest.raises(
+        sc.UnknownMethodError, match="allowed: svd, svd_id, tucker2, cp3, cp4, tt, ht"
+    ):
         sc.registry.check_method("nothing-like-it")
 
 

@@ -241,10 +241,7 @@ def ht_to_dense(factors: Sequence[torch.Tensor], tree: DimensionTree) -> torch.T
     """The full tensor ``(..., n_1, ..., n_d)`` of HT factors with leading batch dimensions."""
     _check_factors(factors, tree)
     frame = _implied_frame(factors, tree, 0)
-    sizes = [0] * tree.leaves
-    for node in range(tree.nodes):
-        if tree.is_leaf(node):
-            sizes[tree.spans[node][0]] = int(factors[node].shape[-2])
+    sizes = [factors[tree.leaf(mode)].shape[-2] for mode in range(tree.leaves)]
     return frame.reshape(*frame.shape[:-2], *sizes)
 
 
@@ -569,7 +566,7 @@ def ht_matrix_apply(factors: Sequence[torch.Tensor], sweep: Sweep, x: torch.Tens
     Returns:
         ``(B, g, O, c)``.
     """
-    batch, groups, _, cols = x.shape
+    batch, cols, groups = x.shape[0], x.shape[-1], sweep.groups  # groups static for tracing
     state = x.reshape(batch, groups, *sweep.start, cols)
     for step in sweep.steps:
         factor = factors[step.node].reshape(groups, *step.factor_shape)
@@ -664,6 +661,8 @@ def _check_tree(tree: DimensionTree, modes: int) -> None:
 
 
 def _check_factors(factors: Sequence[torch.Tensor], tree: DimensionTree) -> None:
+    if torch.jit.is_tracing():  # sizes are tensors then; they were checked when built
+        return
     if len(factors) != tree.nodes:
         raise ValueError(
             f"an HT of {tree.nodes} nodes needs {tree.nodes} factors, got {len(factors)}"
