@@ -19,6 +19,7 @@ from stagecomp.decompositions.ht import (
     ht_matricization,
     ht_matrix_apply,
     ht_matrix_sweep,
+    ht_nested_ranks,
     ht_orthogonalize,
     ht_param_count,
     ht_svd,
@@ -102,6 +103,26 @@ def test_full_ranks_and_param_count() -> None:
     # Leaves n_t r_t, transfer tensors r_t r_l r_r, root r r.
     assert ht_param_count((4, 5, 6, 3), (2, 3, 1, 2, 2), tree) == (
         4 * 3 + 5 * 1 + 6 * 2 + 3 * 2 + 2 * 3 * 1 + 2 * 2 * 2 + 2 * 2
+    )
+
+
+def test_nested_ranks_lower_what_the_tree_cannot_hold() -> None:
+    tree = DimensionTree.balanced(4)
+    assert ht_nested_ranks(tree, (2046, 32, 32, 32, 32)) == (1024, 32, 32, 32, 32)
+    assert ht_nested_ranks(tree, (3, 1, 5, 2, 2)) == (3, 1, 3, 2, 2)  # r_2 <= r_12 r_1
+    assert ht_nested_ranks(tree, (8, 1, 1, 8, 8)) == (1, 1, 1, 8, 8)  # shared root rank
+    assert ht_nested_ranks(tree, (5, 5, 5, 5, 5)) == (5, 5, 5, 5, 5)
+    shape = LayerShape.from_module(nn.Linear(4096, 4096))
+    assert HTLinear.normalize_rank(shape, (2046, 32, 32, 32, 32)) == (1024, 32, 32, 32, 32)
+    assert HTLinear.normalize_rank(shape, 40) == (40,) * 5  # an int cap is always nested
+    assert HTLinear.param_count(shape, (2046, 32, 32, 32, 32), OPTIONS) == HTLinear.param_count(
+        shape, (1024, 32, 32, 32, 32), OPTIONS
+    )
+    small = LayerShape.from_module(nn.Linear(64, 48))
+    layer = HTLinear(small, (16, 1, 1, 4, 4), OPTIONS)  # built directly: lowered too
+    assert layer.ranks == (1, 1, 1, 4, 4)
+    assert sum(p.numel() for p in layer.parameters()) == HTLinear.param_count(
+        small, (16, 1, 1, 4, 4), OPTIONS
     )
 
 

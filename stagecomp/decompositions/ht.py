@@ -161,6 +161,36 @@ def ht_full_ranks(sizes: Sequence[int], tree: DimensionTree | None = None) -> tu
     return tuple(full)
 
 
+def ht_nested_ranks(tree: DimensionTree, ranks: Sequence[int]) -> tuple[int, ...]:
+    """The largest edge ranks, none above ``ranks``, that an HT can actually have.
+
+    Around a transfer tensor ``B_t`` (``r_t x r_left x r_right``) each rank is at most
+    the product of the other two: ``U_t`` lies in the span of ``U_left ⊗ U_right``,
+    and the left child's matricization factors through ``r_t r_right`` columns. A
+    larger rank could only hold zero columns, so it is lowered (repeatedly, until
+    every transfer tensor satisfies all three bounds). Caps that are all equal, or all
+    full ranks, already satisfy them.
+    """
+    per_node = list(tree.node_ranks(ranks))
+    shared = tree.edges()[0]  # the root's two children
+    changed = True
+    while changed:
+        changed = False
+        for node, pair in enumerate(tree.children):
+            if pair is None or node == 0:
+                continue
+            trio = [per_node[node], per_node[pair[0]], per_node[pair[1]]]
+            for k, index in enumerate((node, *pair)):
+                bound = math.prod(trio[j] for j in range(3) if j != k)
+                if per_node[index] > bound:
+                    per_node[index] = trio[k] = bound
+                    if index in shared:  # the root's children share one rank
+                        for other in shared:
+                            per_node[other] = bound
+                    changed = True
+    return tree.edge_ranks(per_node)
+
+
 def ht_param_count(sizes: Sequence[int], ranks: Sequence[int], tree: DimensionTree) -> int:
     """Numbers in the factors of an HT of these mode sizes and edge ranks (one group)."""
     per_node = tree.node_ranks(ranks)
@@ -203,8 +233,8 @@ def ht_svd(
     Args:
         tensor: A float tensor with ``d >= 2`` modes.
         ranks: One int per edge (order in the module docstring), or one int for every
-            edge; each is lowered to what its edge can hold (``ht_full_ranks``).
-            None keeps full ranks.
+            edge; each is lowered to what its edge can hold (``ht_full_ranks``, then
+            ``ht_nested_ranks``). None keeps full ranks.
         tree: The dimension tree (default: balanced over the tensor's modes).
         solver: ``truncated_svd`` solver of the edge SVDs.
         seed: Seed of the randomized solver.
@@ -217,18 +247,16 @@ def ht_svd(
     tree = tree or DimensionTree.balanced(tensor.ndim)
     full = ht_full_ranks(tensor.shape, tree)
     caps = [min(c, f) for c, f in zip(_edge_caps(ranks, len(full)), full, strict=True)]
-    node_rank = tree.node_ranks(caps)
+    node_rank = tree.node_ranks(ht_nested_ranks(tree, caps))
     frames: dict[int, torch.Tensor] = {}
     left, right = tree.edges()[0]
-    u, s, vh = truncated_svd(
-        ht_matricization(tensor, tree, left), node_rank[left], solver=solver, seed=seed
-    )
+    u, s, vh = _tall_svd(ht_matricization(tensor, tree, left), node_rank[left], solver, seed)
     frames[left], frames[right] = u, vh.T
     factors: list[torch.Tensor] = [torch.diag_embed(s).unsqueeze(0)] * tree.nodes
     for node in range(1, tree.nodes):
         if node not in frames:
             matrix = ht_matricization(tensor, tree, node)
-            frames[node] = truncated_svd(matrix, node_rank[node], solver=solver, seed=seed)[0]
+            frames[node] = _tall_svd(matrix, node_rank[node], solver, seed)[0]
     for node, pair in enumerate(tree.children):
         if pair is None:
             factors[node] = frames[node]
@@ -309,7 +337,7 @@ def ht_truncate(
     """
     out = ht_orthogonalize(factors, tree)
     edges = tree.edges()
-    target = tree.node_ranks(_edge_caps(ranks, len(edges)))
+    target = tree.node_ranks(ht_nested_ranks(tree, _edge_caps(ranks, len(edges))))
     batch = out[0].shape[:-3]
     roots: dict[int, torch.Tensor] = {0: out[0].new_ones(*batch, 1, 1)}
     bases: dict[int, torch.Tensor] = {}
@@ -593,6 +621,21 @@ def _valid_firsts(tree: DimensionTree, firsts: Sequence[int], applied: Sequence[
 
 
 # ---------------------------------------------------------------------- helpers
+def _tall_svd(
+    matrix: torch.Tensor, rank: int, solver: str, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``truncated_svd`` run on the tall orientation of ``matrix``.
+
+    A leaf's matricization is very wide (``n_t x N / n_t``), and LAPACK's SVD of a
+    wide matrix is several times slower than of its transpose (13 s against 1.7 s
+    for a 64 x 262144 one on one thread), with the same factors.
+    """
+    if matrix.shape[0] < matrix.shape[1]:
+        u, s, vh = truncated_svd(matrix.T, rank, solver=solver, seed=seed)
+        return vh.T, s, u.T
+    return truncated_svd(matrix, rank, solver=solver, seed=seed)
+
+
 def _coordinates(frame: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     """``B[a, b, c] = sum_ij left[i, b] right[j, c] frame[(i, j), a]``."""
     rows_left, r_left = left.shape

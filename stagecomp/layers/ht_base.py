@@ -28,6 +28,7 @@ from stagecomp.decompositions.ht import (
     Sweep,
     ht_full_ranks,
     ht_matrix_sweep,
+    ht_nested_ranks,
     ht_param_count,
     ht_svd,
     ht_to_dense,
@@ -38,7 +39,7 @@ from stagecomp.decompositions.ht import (
 from stagecomp.decompositions.tt import balance_tt_cores, tt_matrix_modes
 from stagecomp.errors import UnsupportedLayerError
 from stagecomp.layer_shape import LayerShape
-from stagecomp.layers.base import DecomposedLayer, describe, math_dtype
+from stagecomp.layers.base import DecomposedLayer, Rank, describe, math_dtype
 from stagecomp.layers.factory import Factory
 from stagecomp.layers.init import init_bias_, init_tt_cores_
 from stagecomp.options import DecomposeOptions
@@ -140,9 +141,29 @@ class HTLayer(DecomposedLayer):
         return ht_full_ranks(cls.leaf_sizes(shape, options), cls.dimension_tree(shape, options))
 
     @classmethod
+    def normalize_rank(
+        cls,
+        shape: LayerShape,
+        rank: Rank,
+        options: DecomposeOptions | None = None,
+        name: str | None = None,
+    ) -> tuple[int, ...]:
+        """Valid edge ranks, each then lowered to what the tree can hold (``ht_nested_ranks``).
+
+        A rank above the product of the two others at its transfer tensor could only
+        hold zeros, so it costs parameters and changes nothing; one int (a cap on every
+        rank) is never lowered further.
+        """
+        options = options or DecomposeOptions()
+        ranks = super().normalize_rank(shape, rank, options, name)
+        return ht_nested_ranks(cls.dimension_tree(shape, options), ranks)
+
+    @classmethod
     def param_count(cls, shape: LayerShape, ranks: Sequence[int], options: DecomposeOptions) -> int:
+        """Parameters of the layer built for ``ranks`` (after ``ht_nested_ranks``)."""
+        tree = cls.dimension_tree(shape, options)
         sizes = cls.leaf_sizes(shape, options)
-        per_group = ht_param_count(sizes, ranks, cls.dimension_tree(shape, options))
+        per_group = ht_param_count(sizes, ht_nested_ranks(tree, ranks), tree)
         return shape.groups * per_group + (shape.out_channels if shape.bias else 0)
 
     def structure(self) -> dict[str, Any]:
@@ -159,6 +180,7 @@ class HTLayer(DecomposedLayer):
                 f"{describe(shape, None)}: an HT of {self.tree.leaves} leaves needs {edges} "
                 f"ranks, got {self.ranks}"
             )
+        self.ranks = ht_nested_ranks(self.tree, self.ranks)
         sizes = self.leaf_sizes(shape, options)
         node_ranks = self.tree.node_ranks(self.ranks)
         groups = shape.groups
