@@ -82,8 +82,7 @@ def test_balanced_tree_layout_and_rank_order() -> None:
     assert tree.edges() == ((1, 2), (3,), (4,), (5,), (6,))
     assert tree.node_ranks((9, 1, 2, 3, 4)) == (1, 9, 9, 1, 2, 3, 4)
     assert tree.edge_ranks(tree.node_ranks((9, 1, 2, 3, 4))) == (9, 1, 2, 3, 4)
-    assert tree.post_order() == [3, 4, 1, 5, 6, 2, 0]
-    assert tree.post_order(reverse=True) == [6, 5, 2, 4, 3, 1, 0]
+    assert [tree.parent(n) for n in range(1, 7)] == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)]
     odd = DimensionTree.balanced(5)  # left child takes the larger half
     assert odd.spans[:3] == ((0, 5), (0, 3), (3, 5))
     assert [len(DimensionTree.balanced(d).edges()) for d in range(2, 8)] == [

@@ -23,6 +23,9 @@ Conventions used throughout:
   transposes of each other, so separate ranks could only waste parameters). A tree of
   ``d`` leaves has ``2 d - 3`` ranks, one per distinct matricization. For 4 leaves the
   order is ``(r_{12|34}, r_1, r_2, r_3, r_4)``; for 3 leaves ``(r_{12|3}, r_1, r_2)``.
+  Ranks above what an edge can hold (its matricization's size, ``ht_full_ranks``, or
+  the product of the two other ranks at a transfer tensor, ``ht_nested_ranks``) are
+  lowered by the decompositions here.
 
 Every function here is plain torch on the input's device and dtype.
 """
@@ -124,20 +127,6 @@ class DimensionTree:
     def edge_ranks(self, node_ranks: Sequence[int]) -> tuple[int, ...]:
         """Inverse of :meth:`node_ranks` (the root's two children must agree)."""
         return tuple(max(int(node_ranks[n]) for n in nodes) for nodes in self.edges())
-
-    def post_order(self, reverse: bool = False) -> list[int]:
-        """Nodes children first: left subtree, right subtree, node (right first if ``reverse``)."""
-        order: list[int] = []
-
-        def visit(node: int) -> None:
-            pair = self.children[node]
-            if pair is not None:
-                for child in reversed(pair) if reverse else pair:
-                    visit(child)
-            order.append(node)
-
-        visit(0)
-        return order
 
 
 def ht_full_ranks(sizes: Sequence[int], tree: DimensionTree | None = None) -> tuple[int, ...]:

@@ -56,6 +56,9 @@ class HTLayer(DecomposedLayer):
     The ranks are the edge ranks of the balanced dimension tree over the leaves, in
     breadth-first order with the root's two children sharing the first rank (see
     ``stagecomp.decompositions.ht``): for 4 leaves ``(r_{12|34}, r_1, r_2, r_3, r_4)``.
+    A rank the tree cannot hold (above the product of the two others at its transfer
+    tensor) is lowered to what it can (``ht_nested_ranks``), so ``ranks`` may be below
+    the ones asked for; ``param_count`` counts the lowered ones.
 
     Attributes:
         contraction: ``"auto"`` (default) picks, for each input size, the cheaper of
