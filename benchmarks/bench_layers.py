@@ -10,7 +10,7 @@ side by side in this process. ``tucker2`` runs HOOI to its tolerance (the
 default); ``tucker2-1`` is the same with a single HOOI sweep (``hooi_iters=1``).
 
 Run: ``python benchmarks/bench_layers.py [--device cuda] [--threads 2] [--quick]
-[--methods tucker2 tucker2-1]``
+[--methods tucker2 tucker2-1 ht]``
 """
 
 from __future__ import annotations

@@ -34,6 +34,8 @@ from stagecomp.layer_shape import LayerShape
 from stagecomp.layers.base import DecomposedLayer, Rank
 from stagecomp.layers.cp3_conv2d import CP3Conv2d
 from stagecomp.layers.cp4_conv2d import CP4Conv2d
+from stagecomp.layers.ht_conv2d import HTConv2d
+from stagecomp.layers.ht_linear import HTLinear
 from stagecomp.layers.interpolative import InterpolativeLayer
 from stagecomp.layers.svd_conv2d import SVDConv2d
 from stagecomp.layers.svd_linear import SVDLinear
@@ -66,6 +68,8 @@ __all__ = [
     "DecomposeOptions",
     "DecomposedLayer",
     "DistributedError",
+    "HTConv2d",
+    "HTLinear",
     "InterpolativeLayer",
     "LatencyAware",
     "LayerChange",

@@ -35,6 +35,14 @@ class DecomposeOptions:
         tt_in_modes: Explicit factorisation of the input channels for TT (product must
             equal the per-group input size).
         tt_out_modes: Explicit factorisation of the output channels for TT.
+        ht_cores: Number of channel modes (leaves holding an ``(out_t, in_t)`` block) the
+            Hierarchical Tucker layers split ``in`` and ``out`` into when no explicit modes
+            are given (``None``: 4 for Linear, 3 for Conv2d, whose kernel is one more leaf).
+            Separate from ``tt_cores`` because the two methods want different defaults
+            (a balanced HT tree needs 4 leaves to differ from a TT).
+        ht_in_modes: Explicit factorisation of the input channels for HT (product must
+            equal the per-group input size).
+        ht_out_modes: Explicit factorisation of the output channels for HT.
     """
 
     seed: int = 0
@@ -46,6 +54,9 @@ class DecomposeOptions:
     tt_cores: int | None = None
     tt_in_modes: tuple[int, ...] | None = None
     tt_out_modes: tuple[int, ...] | None = None
+    ht_cores: int | None = None
+    ht_in_modes: tuple[int, ...] | None = None
+    ht_out_modes: tuple[int, ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -38,7 +38,7 @@ def _table(candidate: Candidate) -> float:
         return 1.5
     assert candidate.ranks is not None
     rounded = all(r % 8 == 0 for r in candidate.ranks)
-    base = {"svd": 6.0, "svd_id": 6.5, "tucker2": 5.0, "cp3": 7.0, "cp4": 8.0, "tt": 9.0}
+    base = {"svd": 6.0, "svd_id": 6.5, "tucker2": 5.0, "cp3": 7.0, "cp4": 8.0, "tt": 9.0, "ht": 9.5}
     return base[candidate.method] - (1.0 if rounded else 0.0)
 
 

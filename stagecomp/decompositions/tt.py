@@ -328,17 +328,20 @@ def tt_matrix_modes(
     cores: int,
     out_modes: Sequence[int] | None = None,
     in_modes: Sequence[int] | None = None,
+    *,
+    option: str = "tt",
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Row and column modes of a TT-matrix: the given ones, checked, or balanced ones.
 
     When only one side is given, the other is factorised into as many modes.
-    ``cores`` is used only when neither is given.
+    ``cores`` is used only when neither is given. ``option`` is the prefix of the
+    options the modes came from (``tt_in_modes``, ``ht_in_modes``), for the messages.
 
     Raises:
         ValueError: naming the modes and sizes that do not fit.
     """
     if out_modes is None and in_modes is None and (isinstance(cores, bool) or cores < 1):
-        raise ValueError(f"the number of TT cores must be a positive integer, got {cores!r}")
+        raise ValueError(f"{option}_cores must be a positive integer, got {cores!r}")
     checked: list[tuple[int, ...] | None] = []
     for side, size, modes in (("out", out_size, out_modes), ("in", in_size, in_modes)):
         if modes is None:
@@ -346,17 +349,19 @@ def tt_matrix_modes(
             continue
         values = tuple(modes)
         if not values or any(isinstance(m, bool) or int(m) != m or m < 1 for m in values):
-            raise ValueError(f"tt_{side}_modes {values} must be positive integers")
+            raise ValueError(f"{option}_{side}_modes {values} must be positive integers")
         values = tuple(int(m) for m in values)
         if math.prod(values) != size:
             raise ValueError(
-                f"tt_{side}_modes {values} multiply to {math.prod(values)}, "
+                f"{option}_{side}_modes {values} multiply to {math.prod(values)}, "
                 f"but the layer has {size} {side}put channels (per group)"
             )
         checked.append(values)
     outs, ins = checked
     if outs is not None and ins is not None and len(outs) != len(ins):
-        raise ValueError(f"tt_out_modes {outs} and tt_in_modes {ins} must have the same length")
+        raise ValueError(
+            f"{option}_out_modes {outs} and {option}_in_modes {ins} must have the same length"
+        )
     count = len(outs) if outs is not None else len(ins) if ins is not None else int(cores)
     return (
         outs if outs is not None else factorize_modes(out_size, count),
