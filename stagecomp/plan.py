@@ -15,6 +15,7 @@ from typing import Any
 from torch import nn
 
 from stagecomp.errors import NoMatchingLayerError, StagecompError, UnsupportedLayerError
+from stagecomp.layer_kinds import is_plain_layer, unsupported_reason
 from stagecomp.layer_shape import LayerShape
 from stagecomp.layers.base import DecomposedLayer, Rank
 from stagecomp.matching import check_keys, key_matches, lookup, select
@@ -100,7 +101,8 @@ class Plan:
 
 
 def decomposable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Every Linear, Conv2d and decomposed layer, not counting the insides of decomposed ones."""
+    """Every Linear, Conv2d, Conv1d, Hugging Face Conv1D and decomposed layer, not counting
+    the insides of decomposed ones."""
     found: list[tuple[str, nn.Module]] = []
     inside: list[str] = []
     for name, module in model.named_modules():
@@ -109,8 +111,25 @@ def decomposable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
         if isinstance(module, DecomposedLayer):
             inside.append(name)
             found.append((name, module))
-        elif isinstance(module, (nn.Linear, nn.Conv2d)) and name:
+        elif is_plain_layer(module) and name:
             found.append((name, module))
+    return found
+
+
+def unsupported_layers(model: nn.Module) -> dict[str, str]:
+    """Layers with weights stagecomp does not decompose (Conv3d, Embedding ...), with the reason,
+    so that the plan lists them instead of skipping them silently."""
+    found: dict[str, str] = {}
+    inside: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix + ".") for prefix in inside):
+            continue
+        if isinstance(module, DecomposedLayer):
+            inside.append(name)
+            continue
+        reason = None if is_plain_layer(module) else unsupported_reason(module)
+        if reason is not None and name:
+            found[name] = reason
     return found
 
 
@@ -216,6 +235,8 @@ def build_plan(
                 continue
             reason = planned
         skipped[name] = reason or "skipped"
+    for name, reason in unsupported_layers(model).items():
+        skipped.setdefault(name, reason)
     if not targets:
         raise NoMatchingLayerError(
             "no layer of the model can be compressed: " + (_grouped(skipped) or "it has none")
@@ -287,7 +308,7 @@ def _planned_layer(
         shape = LayerShape.from_module(module, name)
     except UnsupportedLayerError as error:
         return str(error)
-    if shape.kind == "conv2d" and min(shape.in_per_group, shape.out_per_group) == 1:
+    if shape.kind != "linear" and min(shape.in_per_group, shape.out_per_group) == 1:
         return (
             "one input or output channel per group (depthwise or single-channel): "
             "nothing to factorise"
@@ -326,5 +347,6 @@ __all__ = [
     "build_plan",
     "check_rank_value",
     "decomposable_layers",
+    "unsupported_layers",
     "used_outside_forward",
 ]
