@@ -24,6 +24,7 @@ from stagecomp.options import DecomposeOptions
 from stagecomp.report import format_plan
 from stagecomp.strategies import Manual, RankStrategy, unavailable_reason
 from stagecomp.strategies.reduction import rank_at_step
+from stagecomp.weight_reads import NOT_CHECKED, output_heads, weights_read_elsewhere
 
 LayerRank = Rank | RankStrategy | None
 """A ``ranks=`` value: manual ranks, a strategy for that layer, or ``None`` to leave it."""
@@ -75,11 +76,13 @@ class Plan:
         targets: The layers to compress, in the order of one stage.
         skipped: Every other decomposable layer, with the reason.
         steps: Per step, the ``(stage, layer)`` pairs it compresses.
+        remarks: Checks the plan could not make (e.g. weight reads, without example_input).
     """
 
     targets: tuple[PlannedLayer, ...]
     skipped: Mapping[str, str]
     steps: tuple[tuple[tuple[int, PlannedLayer], ...], ...]
+    remarks: tuple[str, ...] = ()
 
     def signature(self) -> list[list[list[Any]]]:
         """``[[stage, name, method], ...]`` per step: what must match to resume a run."""
@@ -90,14 +93,16 @@ class Plan:
             "targets": [t.to_dict() for t in self.targets],
             "skipped": dict(self.skipped),
             "steps": self.signature(),
+            "remarks": list(self.remarks),
         }
 
     def __str__(self) -> str:
-        return format_plan(
+        text = format_plan(
             [[(stage, t.name, t.method, t.factors) for stage, t in step] for step in self.steps],
             {t.name: t.note for t in self.targets if t.note},
             self.skipped,
         )
+        return "\n".join([text, *(f"note: {r}" for r in self.remarks)])
 
 
 def decomposable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -190,6 +195,7 @@ def build_plan(
     order: str,
     layer_macs: Mapping[str, int] | None,
     calibrated: bool,
+    example_input: Any = None,
 ) -> Plan:
     """The plan for ``model`` under these settings (see ``Compressor`` for their meaning).
 
@@ -215,6 +221,14 @@ def build_plan(
 
     excluded = set(select(names, exclude))
     fixed = used_outside_forward(model)
+    for head, why in output_heads(model, names).items():
+        if head not in ranks and head not in methods:
+            fixed.setdefault(head, why)
+    remarks: tuple[str, ...] = (NOT_CHECKED,)
+    if example_input is not None:
+        for read, why in weights_read_elsewhere(model, names, example_input).items():
+            fixed.setdefault(read, why)
+        remarks = ()
     targets: list[PlannedLayer] = []
     skipped: dict[str, str] = {}
     for name, module in candidates:
@@ -247,7 +261,7 @@ def build_plan(
     steps = tuple(
         tuple(flat[i : i + layers_per_step]) for i in range(0, len(flat), layers_per_step)
     )
-    return Plan(tuple(targets), skipped, steps)
+    return Plan(tuple(targets), skipped, steps, remarks)
 
 
 def _grouped(skipped: Mapping[str, str]) -> str:
