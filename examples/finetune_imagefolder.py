@@ -194,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.resume:
         # The same Compressor arguments on a fresh model, then its saved state and weights.
         compressor.load_state_dict(json.loads(state_file.read_text()))
-        load_model(model, str(args.out / "model.safetensors"), device=str(device))
+        load_model(model, str(args.out / "stagecomp.safetensors"), device=str(device))
         history = json.loads((args.out / "history.json").read_text())
         print(f"resumed after step {compressor.step_index} of {compressor.total_steps}")
     else:
