@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_model
 from torch import nn
 
-from stagecomp.errors import RecipeError
+from stagecomp.errors import RecipeError, StagecompError
 from stagecomp.recipe import apply_recipe, model_recipe, undo_recipe
 from stagecomp.version import __version__
 from stagecomp.weights_file import (
@@ -26,6 +26,7 @@ from stagecomp.weights_file import (
     clone_state,
     load_weights,
     module_versions,
+    quantized_layers,
     weights_path,
 )
 
@@ -53,6 +54,14 @@ def save(
     Returns:
         The directory written.
     """
+    quantized = quantized_layers(model)
+    if quantized:
+        raise StagecompError(
+            f"cannot save: layer {quantized[0]!r} is quantized"
+            f"{f' (and {len(quantized) - 1} more)' if len(quantized) > 1 else ''}; "
+            "stagecomp.save stores plain float weights. Save before quantizing and quantize "
+            "again after stagecomp.load"
+        )
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     recipe = {

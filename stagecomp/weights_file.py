@@ -55,6 +55,20 @@ def check_versions(value: Any, file: str) -> dict[str, int]:
     return dict(value)
 
 
+def quantized_layers(model: nn.Module) -> list[str]:
+    """Modules quantized by torch.ao (``quantize_dynamic``) or holding torchao tensor
+    subclasses: their packed weights are not plain tensors, so safetensors cannot store them."""
+    found = []
+    for name, module in model.named_modules():
+        if type(module).__module__.startswith(("torch.ao.nn.quantized", "torch.nn.quantized")):
+            found.append(name or type(module).__name__)
+            continue
+        tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+        if any(t.is_quantized or type(t) not in (torch.Tensor, nn.Parameter) for t in tensors):
+            found.append(name or type(module).__name__)
+    return found
+
+
 def clone_state(model: nn.Module) -> OrderedDict[str, torch.Tensor]:
     """A copy of ``model.state_dict()`` that keeps its ``_metadata`` (module versions), so
     it loads back into modules that read their version."""
@@ -97,5 +111,6 @@ __all__ = [
     "clone_state",
     "load_weights",
     "module_versions",
+    "quantized_layers",
     "weights_path",
 ]

@@ -113,3 +113,12 @@ def test_any_load_failure_is_a_recipe_error(tmp_path: Path) -> None:
     with pytest.raises(RecipeError, match="version should be 2"):
         sc.load(fresh, tmp_path)
     assert torch.equal(fresh.fc.weight, before)
+
+
+def test_saving_a_quantized_model_is_refused_by_name(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 8))
+    sc.Compressor(model, sc.Reduction(2.0), layers_per_step=2, progress=False).compression_step()
+    quantized = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    with pytest.raises(sc.StagecompError, match=r"layer '0\.first' is quantized"):
+        sc.save(quantized, tmp_path)
+    assert not (tmp_path / "stagecomp.json").exists()
