@@ -190,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         # model (this replays the finished steps' structure), then load the weights.
         state = json.loads(state_file.read_text())
         compressor = sc.Compressor.from_state(model, state, example_input=example)
-        load_model(model, str(args.out / "model.safetensors"), device=str(device))
+        load_model(model, str(args.out / "stagecomp.safetensors"), device=str(device))
         history = json.loads((args.out / "history.json").read_text())
         print(f"resumed after step {compressor.step_index} of {compressor.total_steps}")
     else:

@@ -47,6 +47,7 @@ from stagecomp.methods import METHODS, get_method, register_method
 from stagecomp.methods.base import MethodHandler
 from stagecomp.options import DecomposeOptions
 from stagecomp.plan import Plan, PlannedLayer
+from stagecomp.pretrained import load_pretrained
 from stagecomp.serialization import load, save
 from stagecomp.stats import ModelStats, model_stats
 from stagecomp.strategies.base import RankRequest, RankStrategy
@@ -107,6 +108,7 @@ __all__ = [
     "fold_batchnorm",
     "get_method",
     "load",
+    "load_pretrained",
     "model_stats",
     "register_method",
     "registry",

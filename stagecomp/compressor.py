@@ -143,6 +143,7 @@ class Compressor(metaclass=AcceptsLegacyArguments):
             order=order,
             layer_macs=self._stats.layer_macs if self._stats is not None else None,
             calibrated=calibration is not None,
+            example_input=example_input,
         )
         self._check_calibration_use()
         self._reference = (

@@ -18,6 +18,7 @@ from stagecomp.changes import LayerChange
 from stagecomp.data_aware import decompose_data_aware
 from stagecomp.errors import UnsupportedLayerError
 from stagecomp.latency_aware import LatencyChooser
+from stagecomp.layer_kinds import plain_weight
 from stagecomp.layer_shape import LayerShape
 from stagecomp.layers.base import DecomposedLayer
 from stagecomp.methods import get_method, layer_class
@@ -161,9 +162,9 @@ def weight_error(old: nn.Module, new: DecomposedLayer) -> float:
     dense copy of the approximation, not two double-precision copies.
     """
     with torch.no_grad():
-        weight = old.dense_weight() if isinstance(old, DecomposedLayer) else old.weight
-        if not isinstance(weight, torch.Tensor):
+        if not isinstance(old, DecomposedLayer) and not isinstance(old.weight, torch.Tensor):
             return float("nan")
+        weight = old.dense_weight() if isinstance(old, DecomposedLayer) else plain_weight(old)
         reference = weight.detach().reshape(weight.shape[0], -1)
         approx = new.dense_weight().detach().reshape(reference.shape)
         error = norm = 0.0

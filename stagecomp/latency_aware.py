@@ -25,6 +25,7 @@ from torch import nn
 
 from stagecomp.decompose import empty_layer
 from stagecomp.errors import StagecompError
+from stagecomp.example_input import caches_off, call_model
 from stagecomp.layer_shape import LayerShape
 from stagecomp.memory_format import to_channels_last
 from stagecomp.methods import check_method, layer_class, methods_for
@@ -204,9 +205,8 @@ def layer_inputs(
         if name in wanted:
             handles.append(module.register_forward_pre_hook(hook_for(name)))
     try:
-        with eval_mode(model), torch.no_grad():
-            inputs = example_input if isinstance(example_input, tuple) else (example_input,)
-            model(*inputs)
+        with eval_mode(model), torch.no_grad(), caches_off(model):
+            call_model(model, example_input)
     finally:
         for handle in handles:
             handle.remove()

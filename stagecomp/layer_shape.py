@@ -1,4 +1,4 @@
-"""The geometry of a Linear or Conv2d layer, independent of its weights.
+"""The geometry of a Linear, Conv2d or Conv1d layer, independent of its weights.
 
 A decomposed layer must behave exactly like the layer it replaces, so it keeps
 this description and builds every sub-convolution from it. It is a frozen
@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from stagecomp.errors import UnsupportedLayerError
+from stagecomp.layer_kinds import is_transposed_linear
 
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
@@ -30,8 +31,10 @@ def _pair(value: Any) -> tuple[int, int]:
 class LayerShape:
     """Everything about a Linear or Conv2d layer except its weights.
 
-    A Linear layer is described as a 1x1 convolution with ``kind="linear"``, so
-    the decompositions see one weight layout, ``(out, in / groups, kh, kw)``.
+    A Linear layer is described as a 1x1 convolution with ``kind="linear"``, and a
+    Conv1d as a Conv2d with a ``(1, k)`` kernel with ``kind="conv1d"``, so the
+    decompositions see one weight layout, ``(out, in / groups, kh, kw)``. A Hugging
+    Face ``Conv1D`` (a Linear with a transposed weight) is ``kind="linear"``.
     """
 
     kind: str
@@ -60,6 +63,30 @@ class LayerShape:
                 f"layer {label!r} is a lazy module whose shape is not known yet: "
                 "run one forward pass before decomposing it"
             )
+        if is_transposed_linear(module):
+            weight = module.weight
+            assert isinstance(weight, torch.Tensor)
+            return cls(
+                kind="linear",
+                in_channels=int(weight.shape[0]),
+                out_channels=int(weight.shape[1]),
+                bias=getattr(module, "bias", None) is not None,
+            )
+        if isinstance(module, nn.Conv1d):
+            (kernel,), (stride,), (dilation,) = module.kernel_size, module.stride, module.dilation
+            padding1d = module.padding
+            return cls(
+                kind="conv1d",
+                in_channels=module.in_channels,
+                out_channels=module.out_channels,
+                kernel_size=(1, kernel),
+                stride=(1, stride),
+                padding=padding1d if isinstance(padding1d, str) else (0, int(padding1d[0])),
+                dilation=(1, dilation),
+                groups=module.groups,
+                bias=module.bias is not None,
+                padding_mode=module.padding_mode,
+            )
         if isinstance(module, nn.Linear):
             return cls(
                 kind="linear",
@@ -87,8 +114,8 @@ class LayerShape:
                 padding_mode=module.padding_mode,
             )
         raise UnsupportedLayerError(
-            f"layer {label!r} is a {type(module).__name__}; stagecomp decomposes nn.Linear and "
-            "nn.Conv2d (and layers it has already decomposed)"
+            f"layer {label!r} is a {type(module).__name__}; stagecomp decomposes nn.Linear, "
+            "nn.Conv2d, nn.Conv1d, transformers' Conv1D (and layers it has already decomposed)"
         )
 
     @property
@@ -113,6 +140,8 @@ class LayerShape:
         """Shape of the original module's ``weight``."""
         if self.kind == "linear":
             return (self.out_channels, self.in_channels)
+        if self.kind == "conv1d":
+            return (self.out_channels, self.in_per_group, self.kernel_size[1])
         return (self.out_channels, self.in_per_group, *self.kernel_size)
 
     @property
@@ -143,11 +172,29 @@ class LayerShape:
 
     def build_dense(
         self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
-    ) -> nn.Linear | nn.Conv2d:
-        """A fresh nn.Linear or nn.Conv2d with this geometry (default initialisation)."""
+    ) -> nn.Linear | nn.Conv2d | nn.Conv1d:
+        """A fresh nn.Linear, nn.Conv2d or nn.Conv1d with this geometry (default initialisation).
+
+        A Hugging Face ``Conv1D`` comes back as the nn.Linear it is equivalent to.
+        """
         if self.kind == "linear":
             return nn.Linear(
                 self.in_channels, self.out_channels, bias=self.bias, device=device, dtype=dtype
+            )
+        if self.kind == "conv1d":
+            padding = self.padding if isinstance(self.padding, str) else self.padding[1]
+            return nn.Conv1d(
+                self.in_channels,
+                self.out_channels,
+                self.kernel_size[1],
+                stride=self.stride[1],
+                padding=padding,
+                dilation=self.dilation[1],
+                groups=self.groups,
+                bias=self.bias,
+                padding_mode=self.padding_mode,  # type: ignore[arg-type]
+                device=device,
+                dtype=dtype,
             )
         return nn.Conv2d(
             self.in_channels,
@@ -181,8 +228,10 @@ class LayerShape:
         )
 
     def __post_init__(self) -> None:
-        if self.kind not in ("linear", "conv2d"):
-            raise UnsupportedLayerError(f"layer kind {self.kind!r}: allowed 'linear', 'conv2d'")
+        if self.kind not in ("linear", "conv2d", "conv1d"):
+            raise UnsupportedLayerError(
+                f"layer kind {self.kind!r}: allowed 'linear', 'conv2d', 'conv1d'"
+            )
         if self.padding_mode not in _PADDING_MODES:
             raise UnsupportedLayerError(
                 f"padding_mode {self.padding_mode!r}: allowed {', '.join(_PADDING_MODES)}"

@@ -14,17 +14,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors.torch import save_model
 from torch import nn
 
-from stagecomp.errors import RecipeError
+from stagecomp.errors import RecipeError, StagecompError
 from stagecomp.recipe import apply_recipe, model_recipe, undo_recipe
 from stagecomp.version import __version__
+from stagecomp.weights_file import (
+    WEIGHTS_FILE,
+    check_versions,
+    clone_state,
+    load_weights,
+    module_versions,
+    quantized_layers,
+    weights_path,
+)
 
 FORMAT_VERSION = 1
 RECIPE_FILE = "stagecomp.json"
-WEIGHTS_FILE = "model.safetensors"
 
 
 def _version() -> str:
@@ -34,7 +41,10 @@ def _version() -> str:
 def save(
     model: nn.Module, path: str | os.PathLike[str], extra: dict[str, Any] | None = None
 ) -> Path:
-    """Write ``path/stagecomp.json`` and ``path/model.safetensors`` for ``model``.
+    """Write ``path/stagecomp.json`` and ``path/stagecomp.safetensors`` for ``model``.
+
+    The names differ from Hugging Face's ``model.safetensors`` and ``config.json``, so
+    ``save_pretrained`` may write into the same folder.
 
     Args:
         model: A model (compressed or not) whose decomposed layers are recorded.
@@ -44,6 +54,14 @@ def save(
     Returns:
         The directory written.
     """
+    quantized = quantized_layers(model)
+    if quantized:
+        raise StagecompError(
+            f"cannot save: layer {quantized[0]!r} is quantized"
+            f"{f' (and {len(quantized) - 1} more)' if len(quantized) > 1 else ''}; "
+            "stagecomp.save stores plain float weights. Save before quantizing and quantize "
+            "again after stagecomp.load"
+        )
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     recipe = {
@@ -51,6 +69,7 @@ def save(
         "stagecomp_version": _version(),
         "torch_version": torch.__version__,
         "layers": model_recipe(model),
+        "module_versions": module_versions(model),
         "extra": extra or {},
     }
     save_model(model, str(folder / WEIGHTS_FILE))
@@ -95,18 +114,19 @@ def load(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
     """
     folder = Path(path)
     recipe = read_recipe(folder)
-    weights = folder / WEIGHTS_FILE
+    weights = weights_path(folder)
+    versions = check_versions(recipe.get("module_versions"), str(folder / RECIPE_FILE))
     if not weights.is_file():
         raise RecipeError(f"{weights} does not exist; the save is incomplete")
     reference = next(model.parameters(), None)
     device = str(reference.device) if reference is not None else "cpu"
     # load_state_dict copies every tensor that fits before it reports the ones that
     # do not, so keep the original values to put back if the load fails.
-    backup = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    backup = clone_state(model)
     replaced = apply_recipe(model, recipe["layers"])
     try:
-        load_model(model, str(weights), strict=True, device=device)
-    except (SafetensorError, RuntimeError, OSError, ValueError, KeyError) as error:
+        load_weights(model, weights, device, versions)
+    except Exception as error:  # any failure leaves the model as it was, as a RecipeError
         undo_recipe(model, replaced)
         model.load_state_dict(backup)
         first_line = (

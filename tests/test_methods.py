@@ -31,7 +31,7 @@ from stagecomp.methods import (
 
 D = torch.float64
 OPTIONS = sc.DecomposeOptions(seed=0)
-KINDS = ("linear", "conv2d")
+KINDS = ("linear", "conv2d", "conv1d")
 
 
 def _geometries() -> dict[str, nn.Module]:

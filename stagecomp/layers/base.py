@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from stagecomp.errors import NonFiniteWeightError, RankError, UnsupportedLayerError
+from stagecomp.layer_kinds import plain_weight
 from stagecomp.layer_shape import LayerShape
 from stagecomp.layers.factory import Factory
 from stagecomp.options import DecomposeOptions
@@ -37,6 +38,9 @@ def describe(shape: LayerShape, name: str | None) -> str:
     if shape.kind == "linear":
         return f"{label} (Linear {shape.in_channels}->{shape.out_channels})"
     kh, kw = shape.kernel_size
+    if shape.kind == "conv1d":
+        groups = f", groups={shape.groups}" if shape.groups > 1 else ""
+        return f"{label} (Conv1d {shape.in_channels}->{shape.out_channels}, {kw}{groups})"
     groups = f", groups={shape.groups}" if shape.groups > 1 else ""
     return f"{label} (Conv2d {shape.in_channels}->{shape.out_channels}, {kh}x{kw}{groups})"
 
@@ -262,7 +266,7 @@ class DecomposedLayer(nn.Module):
         if isinstance(module, DecomposedLayer):
             weight, bias = module.dense_weight(), module.dense_bias()
         else:
-            weight = module.weight  # type: ignore[assignment]
+            weight = plain_weight(module)
             bias = module.bias  # type: ignore[assignment]
         with torch.no_grad():
             dtype = math_dtype(weight)
@@ -316,7 +320,7 @@ class DecomposedLayer(nn.Module):
             layer = self._refactored(ranks, options)
         return layer.matched_to(reference, self.training)
 
-    def to_dense(self) -> nn.Linear | nn.Conv2d:
+    def to_dense(self) -> nn.Linear | nn.Conv2d | nn.Conv1d:
         """An ordinary layer computing the same function, on this layer's device and dtype."""
         weight = self.dense_weight()
         bias = self.dense_bias()
@@ -327,6 +331,14 @@ class DecomposedLayer(nn.Module):
                 dense.bias.copy_(bias)
         dense.train(self.training)
         return dense
+
+    def as_2d(self, x: torch.Tensor) -> torch.Tensor:
+        """A Conv1d input ``(N, C, L)`` as the ``(N, C, 1, L)`` the 2-D sub-layers take."""
+        return x.unsqueeze(-2) if self.shape.kind == "conv1d" else x
+
+    def from_2d(self, y: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`as_2d` on the output."""
+        return y.squeeze(-2) if self.shape.kind == "conv1d" else y
 
     def extra_repr(self) -> str:
         names = self._names(len(self.ranks))

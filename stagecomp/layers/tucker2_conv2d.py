@@ -31,7 +31,7 @@ class Tucker2Conv2d(DecomposedLayer):
     """
 
     method = "tucker2"
-    kinds = ("conv2d",)
+    kinds = ("conv2d", "conv1d")
     rank_names = ("r_out", "r_in")
 
     def _build(self, new: Factory) -> None:
@@ -136,7 +136,7 @@ class Tucker2Conv2d(DecomposedLayer):
             self.last.bias.copy_(bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.last(self.core(self.first(x)))
+        return self.from_2d(self.last(self.core(self.first(self.as_2d(x)))))
 
     def dense_weight(self) -> torch.Tensor:
         shape = self.shape
