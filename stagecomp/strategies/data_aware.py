@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, cast
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -47,8 +47,9 @@ from stagecomp.data_aware import (
 from stagecomp.decompositions.data_aware import weighted_spectrum
 from stagecomp.errors import RankError, StagecompError, UnsupportedLayerError
 from stagecomp.layer_shape import LayerShape
-from stagecomp.layers.base import DecomposedLayer, describe
+from stagecomp.layers.base import describe
 from stagecomp.methods import METHODS, get_method
+from stagecomp.methods.unfoldings import dense_weight
 from stagecomp.options import DecomposeOptions
 from stagecomp.surgery import eval_mode, get_module, replace_module
 
@@ -250,11 +251,7 @@ def _layer_costs(
     )
     if sensitivity == "gradient":
         assert stats.gradient_moment is not None
-        weight = (
-            module.dense_weight()
-            if isinstance(module, DecomposedLayer)
-            else cast(torch.Tensor, module.weight)
-        )
+        weight = dense_weight(module, name)  # a Hugging Face Conv1D's weight is transposed
         energy = weighted_spectrum(
             weight.detach().reshape(shape.out_channels, -1),
             stats.input_moment,
