@@ -14,6 +14,7 @@ import logging
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -23,17 +24,25 @@ from stagecomp.distributed import shared_step, use_distributed
 from stagecomp.errors import CompressionFinishedError, RecipeError, StagecompError
 from stagecomp.job import JobContext, run_layer_job
 from stagecomp.latency_aware import LatencyAware, LatencyChooser, layer_inputs
+from stagecomp.layers.base import DecomposedLayer
 from stagecomp.legacy import AcceptsLegacyArguments
 from stagecomp.options import DecomposeOptions
 from stagecomp.plan import LayerRank, Plan, PlannedLayer, build_plan, decomposable_layers
-from stagecomp.recipe import apply_recipe, model_recipe, undo_recipe
+from stagecomp.recipe import (
+    apply_recipe,
+    get_submodule_or_none,
+    model_recipe,
+    same_entry,
+    undo_recipe,
+)
 from stagecomp.report import format_run_report
 from stagecomp.state import (
     STATE_FORMAT,
+    Progress,
     compressor_arguments,
     encode_rank,
+    read_progress,
     saved_config,
-    step_from_dict,
     step_to_dict,
 )
 from stagecomp.stats import ModelStats, model_stats
@@ -127,7 +136,7 @@ class Compressor(metaclass=AcceptsLegacyArguments):
         self._exclude = list(exclude)
         self._methods = dict(methods or {})
 
-        self._stats: ModelStats | None = self._count()
+        self._stats: ModelStats | None = self._count_example()
         self.original_stats = self._stats
         self.plan: Plan = build_plan(
             model,
@@ -197,6 +206,24 @@ class Compressor(metaclass=AcceptsLegacyArguments):
         """True once the last planned step has run."""
         return self.step_index >= len(self.plan.steps)
 
+    def _count_example(self) -> ModelStats | None:
+        """MACs of the model as given; a bad ``example_input`` is named as the cause."""
+        try:
+            return self._count()
+        except Exception as error:
+            given = self.example_input
+            described = (
+                f"a {given.dtype} tensor of shape {tuple(given.shape)} on {given.device}"
+                if isinstance(given, torch.Tensor)
+                else f"a {type(given).__name__}"
+            )
+            raise StagecompError(
+                f"example_input ({described}) does not run through the model "
+                f"({type(error).__name__}: {_first_line(error)}); expected a batch the model "
+                "accepts (a tensor, or a tuple of positional inputs) on the model's device "
+                "and in its dtype"
+            ) from error
+
     def _count(self) -> ModelStats | None:
         if self.example_input is None:
             return None
@@ -255,17 +282,45 @@ class Compressor(metaclass=AcceptsLegacyArguments):
                 replaced = {name: new for name, (_, new) in pairs.items()}
             else:
                 changes, replaced = self._local_step(chunk, job, desc, swapped)
-            after = self._count()
+            after = self._count_checked(f"step {step_number}: with the new layers in place")
+            result = self._step_result(step_number, changes, replaced, params_before, after)
         except BaseException:
+            # Everything a step does is one unit: put back every layer it swapped, last
+            # first (a layer twice in one step gets its module from before the step).
             for name, old in reversed(swapped):
                 replace_module(self.model, name, old)
             raise
+        self._stats = after
+        self.history.append(result)
+        self.step_index += 1
+        return result
+
+    def _count_checked(self, when: str) -> ModelStats | None:
+        """MACs of the model with new layers in place, or an error the caller rolls back."""
+        try:
+            return self._count()
+        except Exception as error:
+            raise StagecompError(
+                f"{when}, the model fails on example_input ({type(error).__name__}: "
+                f"{_first_line(error)}); the model was put back as it was. Did the model "
+                "change device or dtype since example_input was given, or does a module "
+                "read a replaced layer's .weight directly (exclude that layer)?"
+            ) from error
+
+    def _step_result(
+        self,
+        step_number: int,
+        changes: list[LayerChange],
+        replaced: dict[str, nn.Module],
+        params_before: int,
+        after: ModelStats | None,
+    ) -> StepResult:
         before = self._stats
         for change in changes:
             if before is not None and after is not None:
                 change.macs_before = before.layer_macs.get(change.name)
                 change.macs_after = after.layer_macs.get(change.name)
-        result = StepResult(
+        return StepResult(
             step=step_number,
             changes=changes,
             replaced=replaced,
@@ -274,10 +329,6 @@ class Compressor(metaclass=AcceptsLegacyArguments):
             params_before=params_before,
             params_after=sum(p.numel() for p in self.model.parameters()),
         )
-        self._stats = after
-        self.history.append(result)
-        self.step_index += 1
-        return result
 
     def _local_step(
         self,
@@ -380,7 +431,15 @@ class Compressor(metaclass=AcceptsLegacyArguments):
             calibration=calibration,
             latency_aware=latency_aware,
         )
-        compressor = cls(model, progress=progress, **arguments)
+        try:
+            compressor = cls(model, progress=progress, **arguments)
+        except RecipeError:
+            raise
+        except Exception as error:  # the saved settings do not fit this model
+            raise RecipeError(
+                "the saved run's settings do not build a Compressor on this model "
+                f"({type(error).__name__}: {_first_line(error)})"
+            ) from error
         compressor.load_state_dict(state)
         return compressor
 
@@ -391,7 +450,8 @@ class Compressor(metaclass=AcceptsLegacyArguments):
         state alone), call this, then ``model.load_state_dict(saved_model_weights)``.
         Everything is checked before the model is changed.
         """
-        if not isinstance(state, Mapping) or state.get("format") not in (1, STATE_FORMAT):
+        fmt = state.get("format") if isinstance(state, Mapping) else None
+        if type(fmt) is not int or fmt not in (1, STATE_FORMAT):
             found = state.get("format") if isinstance(state, Mapping) else type(state).__name__
             raise RecipeError(
                 f"compressor state format {found!r} is not supported "
@@ -408,27 +468,43 @@ class Compressor(metaclass=AcceptsLegacyArguments):
                 "order, methods, stages or layers_per_step); build the Compressor with the "
                 "same arguments as the interrupted run, or use Compressor.from_state"
             )
+        steps = [[(stage, t.name) for stage, t in step] for step in self.plan.steps]
+        progress = read_progress(state, steps)
+        self._check_fresh(progress)
+        replaced = apply_recipe(self.model, progress.recipe, self.options)
         try:
-            step_index = int(state["step_index"])
-            recipe = dict(state["recipe"])
-            history = [step_from_dict(r) for r in state.get("history", [])]
-        except (KeyError, TypeError, ValueError, AttributeError) as error:
-            raise RecipeError(f"the saved compressor state is damaged: {error!r}") from None
-        if not 0 <= step_index <= len(self.plan.steps):
-            raise RecipeError(f"saved step_index {step_index} is outside 0..{len(self.plan.steps)}")
-        if len(history) != step_index:
-            raise RecipeError(
-                f"the saved state has {len(history)} steps of history for step_index "
-                f"{step_index}; expected one per finished step"
-            )
-        replaced = apply_recipe(self.model, recipe, self.options)
-        try:
-            self._stats = self._count()
+            stats = self._count_checked(f"after rebuilding the {progress.step_index} saved steps")
         except BaseException:
             undo_recipe(self.model, replaced)
             raise
-        self.history = history
-        self.step_index = step_index
+        self._stats = stats
+        self.history = progress.history
+        self.step_index = progress.step_index
+
+    def _check_fresh(self, progress: Progress) -> None:
+        """Refuse a model that is not the one the saved run started from.
+
+        Each layer the run decomposed must hold the parameters it had before the run's
+        first change (a compressed model would be silently re-initialised); a recipe
+        layer no finished step made must already be in the model as recorded.
+        """
+        for name, before in progress.params_before.items():
+            module = get_submodule_or_none(self.model, name)
+            count = None if module is None else sum(p.numel() for p in module.parameters())
+            if count != before:
+                raise RecipeError(
+                    f"layer {name!r} holds {count} parameters, but the saved run found "
+                    f"{before} there before compressing it: load_state_dict rebuilds the "
+                    "run's layers on a freshly built model, not on one already compressed"
+                )
+        for name, entry in progress.untouched.items():
+            module = get_submodule_or_none(self.model, name)
+            if not isinstance(module, DecomposedLayer) or not same_entry(module, entry):
+                raise RecipeError(
+                    f"the saved recipe records layer {name!r} as {entry.get('method')!r} at "
+                    f"ranks {entry.get('ranks')!r}, but no finished step decomposed it and the "
+                    "model does not hold it so: the state is damaged or from another run"
+                )
 
 
 def _check_type(label: str, value: object, expected: type, example: str) -> None:
@@ -436,6 +512,11 @@ def _check_type(label: str, value: object, expected: type, example: str) -> None
         raise StagecompError(
             f"{label}={type(value).__name__} is not allowed; expected {example} or None"
         )
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _names(names: Sequence[str]) -> str:
