@@ -13,6 +13,7 @@ import argparse
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
@@ -169,6 +170,9 @@ def _count_targets(model: nn.Module, strategy: RankStrategy, common: dict[str, A
 
 
 def _compress(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {args.out} is a file; expected a folder to save into")
     _at_least_one("--threads", args.threads)
     strategy = _strategy(args)
     if args.input_size < 8:

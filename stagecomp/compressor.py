@@ -60,6 +60,16 @@ logger = logging.getLogger(__name__)
 class Compressor(metaclass=AcceptsLegacyArguments):
     """Compress a model in place, a few layers per step, over one or more global stages.
 
+    Only layers that compute the stock ``nn.Linear`` / ``nn.Conv2d`` function are
+    planned: a subclass with its own ``forward`` (quantisation-aware ``ConvBn2d``, a
+    weight-standardised convolution) is skipped with the reason in ``plan``, unless its
+    exact name is a key of ``methods=`` or ``ranks=`` (then it is replaced by a
+    factorisation of its ``weight``, which computes the stock function). Layers whose
+    weight is computed (parametrizations, ``weight_norm``) or whose state dict has hooks
+    are always skipped. Forward, pre-forward and backward hooks move to the new layer.
+    Each new layer keeps ``requires_grad`` per role: its factors as the old weight, its
+    bias as the old bias.
+
     Args:
         model: The model to compress; it is modified in place.
         strategy: ``"vbmf"``, ``"reduction"`` (2x by default), ``"manual"``, or a
@@ -68,12 +78,14 @@ class Compressor(metaclass=AcceptsLegacyArguments):
         example_input: A batch the model accepts; used by fvcore to count MACs (for
             the report and ``order="macs"``) and to time layers (``latency_aware``).
         ranks: Per-layer overrides by name or pattern: an int or tuple (manual ranks),
-            a strategy object, or ``None`` to leave the layer alone.
+            a strategy object, or ``None`` to leave the layer alone. An exact name (with
+            a value other than ``None``) also opts in a layer with its own ``forward``.
         exclude: Names or patterns of layers never to touch.
         methods: Method by layer name or pattern (see ``stagecomp.METHODS``). A pattern
             sets the method of the layers it can decompose (``{"*": "cp3"}`` leaves
-            Linear layers to SVD); an exact name is taken as asked. Default: ``"svd"``
-            for Linear and 1x1 convolutions, ``"tucker2"`` for kxk convolutions.
+            Linear layers to SVD); an exact name is taken as asked, and opts in a layer
+            with its own ``forward``. Default: ``"svd"`` for Linear and 1x1
+            convolutions, ``"tucker2"`` for kxk convolutions.
         layers_per_step: Layers decomposed by each ``compression_step()``.
         stages: Global passes; a later pass compresses already-decomposed layers again.
         order: ``"model"`` (module order) or ``"macs"`` (most MACs first) within a pass.
@@ -89,7 +101,8 @@ class Compressor(metaclass=AcceptsLegacyArguments):
 
     Raises:
         StagecompError: a setting is invalid or two settings contradict each other
-            (each rule is checked here, before anything is decomposed).
+            (each rule is checked here, before anything is decomposed), or the model
+            does not run on ``example_input``.
         NoMatchingLayerError: a name or pattern matches no layer, or no layer can be
             compressed.
     """
@@ -210,6 +223,8 @@ class Compressor(metaclass=AcceptsLegacyArguments):
         """MACs of the model as given; a bad ``example_input`` is named as the cause."""
         try:
             return self._count()
+        except MemoryError:
+            raise
         except Exception as error:
             given = self.example_input
             described = (
@@ -239,6 +254,11 @@ class Compressor(metaclass=AcceptsLegacyArguments):
 
         Raises:
             CompressionFinishedError: when all planned steps have run.
+            StagecompError: the model fails on ``example_input`` with the new layers in.
+
+        Whatever a step raises (``KeyboardInterrupt`` and ``MemoryError`` included), it
+        is one unit: every layer it swapped is put back, and ``history`` and
+        ``step_index`` are as before, so calling it again runs the same step.
         """
         if self.done:
             raise CompressionFinishedError(
@@ -299,6 +319,8 @@ class Compressor(metaclass=AcceptsLegacyArguments):
         """MACs of the model with new layers in place, or an error the caller rolls back."""
         try:
             return self._count()
+        except MemoryError:
+            raise
         except Exception as error:
             raise StagecompError(
                 f"{when}, the model fails on example_input ({type(error).__name__}: "
@@ -348,7 +370,9 @@ class Compressor(metaclass=AcceptsLegacyArguments):
                 change, new = job(stage, target)
                 changes.append(change)
                 if new is not None:
-                    swapped.append((target.name, replace_module(self.model, target.name, new)))
+                    # Recorded before the swap, so an interruption during it is undone too.
+                    swapped.append((target.name, get_module(self.model, target.name)))
+                    replace_module(self.model, target.name, new)
                     replaced[target.name] = new
         finally:
             bar.close()

@@ -28,6 +28,9 @@ from stagecomp.options import DecomposeOptions
 from stagecomp.surgery import replace_module
 
 _ENTRY_KEYS = frozenset({"method", "ranks", "original", "structure"})
+_MAX_STRUCTURE_ITEMS = 64
+"""Longest list a structure value may be (TT modes: at most 32 per side), checked before
+any of its entries is read."""
 
 
 def layer_entry(layer: DecomposedLayer) -> dict[str, Any]:
@@ -158,6 +161,11 @@ def _structure(cls: type[DecomposedLayer], data: Any) -> dict[str, Any]:
             f"structure keys {unknown} are not recorded by method {cls.method!r} "
             f"(it records {list(allowed) or 'none'})"
         )
+    long = [
+        str(k) for k, v in data.items() if isinstance(v, list) and len(v) > _MAX_STRUCTURE_ITEMS
+    ]
+    if long:
+        raise ValueError(f"structure values {long} hold more than {_MAX_STRUCTURE_ITEMS} entries")
     return {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
 
 
