@@ -24,21 +24,14 @@ from stagecomp.distributed import shared_step, use_distributed
 from stagecomp.errors import CompressionFinishedError, RecipeError, StagecompError
 from stagecomp.job import JobContext, run_layer_job
 from stagecomp.latency_aware import LatencyAware, LatencyChooser, layer_inputs
-from stagecomp.layers.base import DecomposedLayer
 from stagecomp.legacy import AcceptsLegacyArguments
 from stagecomp.options import DecomposeOptions
 from stagecomp.plan import LayerRank, Plan, PlannedLayer, build_plan, decomposable_layers
-from stagecomp.recipe import (
-    apply_recipe,
-    get_submodule_or_none,
-    model_recipe,
-    same_entry,
-    undo_recipe,
-)
+from stagecomp.recipe import apply_recipe, model_recipe, undo_recipe
 from stagecomp.report import format_run_report
 from stagecomp.state import (
     STATE_FORMAT,
-    Progress,
+    check_fresh,
     compressor_arguments,
     encode_rank,
     read_progress,
@@ -55,6 +48,9 @@ from stagecomp.strategies import (
 from stagecomp.surgery import get_module, replace_module
 
 logger = logging.getLogger(__name__)
+
+MAX_STAGES = 1000
+"""Most global passes a run may plan: the plan lists every step of every stage."""
 
 
 class Compressor(metaclass=AcceptsLegacyArguments):
@@ -128,6 +124,11 @@ class Compressor(metaclass=AcceptsLegacyArguments):
         for label, value in (("layers_per_step", layers_per_step), ("stages", stages)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise StagecompError(f"{label}={value!r} is not allowed; expected an integer >= 1")
+        if stages > MAX_STAGES:  # the plan lists every stage's steps
+            raise StagecompError(
+                f"stages={stages} is not allowed; expected at most {MAX_STAGES} (each stage "
+                "shrinks every layer a little more; far fewer already reach any rank)"
+            )
         _check_type("calibration", calibration, Calibration, "stagecomp.Calibration(batches)")
         _check_type("latency_aware", latency_aware, LatencyAware, "stagecomp.LatencyAware()")
         _check_type("options", options, DecomposeOptions, "stagecomp.DecomposeOptions()")
@@ -494,7 +495,7 @@ class Compressor(metaclass=AcceptsLegacyArguments):
             )
         steps = [[(stage, t.name) for stage, t in step] for step in self.plan.steps]
         progress = read_progress(state, steps)
-        self._check_fresh(progress)
+        check_fresh(self.model, progress)
         replaced = apply_recipe(self.model, progress.recipe, self.options)
         try:
             stats = self._count_checked(f"after rebuilding the {progress.step_index} saved steps")
@@ -504,31 +505,6 @@ class Compressor(metaclass=AcceptsLegacyArguments):
         self._stats = stats
         self.history = progress.history
         self.step_index = progress.step_index
-
-    def _check_fresh(self, progress: Progress) -> None:
-        """Refuse a model that is not the one the saved run started from.
-
-        Each layer the run decomposed must hold the parameters it had before the run's
-        first change (a compressed model would be silently re-initialised); a recipe
-        layer no finished step made must already be in the model as recorded.
-        """
-        for name, before in progress.params_before.items():
-            module = get_submodule_or_none(self.model, name)
-            count = None if module is None else sum(p.numel() for p in module.parameters())
-            if count != before:
-                raise RecipeError(
-                    f"layer {name!r} holds {count} parameters, but the saved run found "
-                    f"{before} there before compressing it: load_state_dict rebuilds the "
-                    "run's layers on a freshly built model, not on one already compressed"
-                )
-        for name, entry in progress.untouched.items():
-            module = get_submodule_or_none(self.model, name)
-            if not isinstance(module, DecomposedLayer) or not same_entry(module, entry):
-                raise RecipeError(
-                    f"the saved recipe records layer {name!r} as {entry.get('method')!r} at "
-                    f"ranks {entry.get('ranks')!r}, but no finished step decomposed it and the "
-                    "model does not hold it so: the state is damaged or from another run"
-                )
 
 
 def _check_type(label: str, value: object, expected: type, example: str) -> None:

@@ -11,12 +11,16 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from torch import nn
+
 from stagecomp.changes import LayerChange, StepResult
 from stagecomp.config import Calibration, latency_from_dict
 from stagecomp.errors import RecipeError, StagecompError
 from stagecomp.latency_aware import LatencyAware
+from stagecomp.layers.base import DecomposedLayer
 from stagecomp.options import DecomposeOptions
 from stagecomp.plan import LayerRank
+from stagecomp.recipe import get_submodule_or_none, same_entry
 from stagecomp.strategies import strategy_from_dict
 
 STATE_FORMAT = 2
@@ -280,9 +284,39 @@ def read_progress(state: Mapping[str, Any], steps: Sequence[Sequence[tuple[int, 
     )
 
 
+def check_fresh(model: nn.Module, progress: Progress) -> None:
+    """Refuse a model that is not the one the saved run started from.
+
+    Each layer the run decomposed must hold the parameters it had before the run's
+    first change (a model already compressed would be silently re-initialised); a recipe
+    layer no finished step made must already be in the model as recorded.
+
+    Raises:
+        RecipeError: naming the layer.
+    """
+    for name, before in progress.params_before.items():
+        module = get_submodule_or_none(model, name)
+        count = None if module is None else sum(p.numel() for p in module.parameters())
+        if count != before:
+            raise RecipeError(
+                f"layer {name!r} holds {count} parameters, but the saved run found "
+                f"{before} there before compressing it: load_state_dict rebuilds the "
+                "run's layers on a freshly built model, not on one already compressed"
+            )
+    for name, entry in progress.untouched.items():
+        module = get_submodule_or_none(model, name)
+        if not isinstance(module, DecomposedLayer) or not same_entry(module, entry):
+            raise RecipeError(
+                f"the saved recipe records layer {name!r} as {entry.get('method')!r} at "
+                f"ranks {entry.get('ranks')!r}, but no finished step decomposed it and the "
+                "model does not hold it so: the state is damaged or from another run"
+            )
+
+
 __all__ = [
     "STATE_FORMAT",
     "Progress",
+    "check_fresh",
     "compressor_arguments",
     "decode_rank",
     "encode_rank",

@@ -281,15 +281,7 @@ def _damage_bytes(file: Path, where: int, kind: str) -> None:
     file.write_bytes(bytes(data))
 
 
-@given(
-    damage=st.sampled_from(["json", "json", "recipe-bytes", "weights-bytes", "swap"]),
-    where=st.integers(0, 10**6),
-    value=st.sampled_from(HOSTILE),
-    remove=st.booleans(),
-    kind=st.sampled_from(["truncate", "flip", "header"]),
-)
-@settings(max_examples=80)
-def test_any_damaged_folder_loads_exactly_or_is_a_recipe_error(
+def _damaged_folder(
     tmp_path_factory: pytest.TempPathFactory,
     damage: str,
     where: int,
@@ -325,6 +317,49 @@ def test_any_damaged_folder_loads_exactly_or_is_a_recipe_error(
     out = _output(loaded)
     if damage != "weights-bytes":
         assert torch.equal(out, NEW_OUT)
+
+
+@given(
+    damage=st.sampled_from(["json", "json", "recipe-bytes", "weights-bytes", "swap"]),
+    where=st.integers(0, 10**6),
+    value=st.sampled_from(HOSTILE),
+    remove=st.booleans(),
+    kind=st.sampled_from(["truncate", "flip", "header"]),
+)
+@settings(max_examples=80)
+def test_any_damaged_folder_loads_exactly_or_is_a_recipe_error(
+    tmp_path_factory: pytest.TempPathFactory,
+    damage: str,
+    where: int,
+    value: Any,
+    remove: bool,
+    kind: str,
+) -> None:
+    _damaged_folder(
+        tmp_path_factory, damage=damage, where=where, value=value, remove=remove, kind=kind
+    )
+
+
+@pytest.mark.slow
+@given(
+    damage=st.sampled_from(["json", "json", "recipe-bytes", "weights-bytes", "swap"]),
+    where=st.integers(0, 10**6),
+    value=st.sampled_from(HOSTILE),
+    remove=st.booleans(),
+    kind=st.sampled_from(["truncate", "flip", "header"]),
+)
+@settings(max_examples=600)
+def test_any_damaged_folder_loads_exactly_or_is_a_recipe_error_sweep(
+    tmp_path_factory: pytest.TempPathFactory,
+    damage: str,
+    where: int,
+    value: Any,
+    remove: bool,
+    kind: str,
+) -> None:
+    _damaged_folder(
+        tmp_path_factory, damage=damage, where=where, value=value, remove=remove, kind=kind
+    )
 
 
 def test_hostile_recipes_are_refused_before_anything_is_allocated(tmp_path: Path) -> None:

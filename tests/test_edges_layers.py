@@ -86,16 +86,7 @@ def _model(kind: str, layer: nn.Module) -> tuple[nn.Sequential, torch.Tensor]:
     return nn.Sequential(layer, nn.Tanh(), last).eval(), x
 
 
-@given(
-    kind=st.sampled_from(["linear", "conv2d"]),
-    variant=st.sampled_from(PLAIN + CUSTOM + FIXED),
-    opt_in=st.booleans(),
-    forward_hook=st.booleans(),
-    pre_hook=st.booleans(),
-    seed=st.integers(0, 2**16),
-)
-@settings(max_examples=60)
-def test_only_stock_layers_are_replaced_and_replacing_keeps_the_function(
+def _stock_or_custom(
     kind: str, variant: str, opt_in: bool, forward_hook: bool, pre_hook: bool, seed: int
 ) -> None:
     torch.manual_seed(seed)
@@ -125,6 +116,51 @@ def test_only_stock_layers_are_replaced_and_replacing_keeps_the_function(
         return
     with torch.no_grad():  # full rank: the same function, hooks included
         torch.testing.assert_close(model(x), before, rtol=1e-4, atol=1e-5)
+
+
+@given(
+    kind=st.sampled_from(["linear", "conv2d"]),
+    variant=st.sampled_from(PLAIN + CUSTOM + FIXED),
+    opt_in=st.booleans(),
+    forward_hook=st.booleans(),
+    pre_hook=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+@settings(max_examples=60)
+def test_only_stock_layers_are_replaced_and_replacing_keeps_the_function(
+    kind: str, variant: str, opt_in: bool, forward_hook: bool, pre_hook: bool, seed: int
+) -> None:
+    _stock_or_custom(
+        kind=kind,
+        variant=variant,
+        opt_in=opt_in,
+        forward_hook=forward_hook,
+        pre_hook=pre_hook,
+        seed=seed,
+    )
+
+
+@pytest.mark.slow
+@given(
+    kind=st.sampled_from(["linear", "conv2d"]),
+    variant=st.sampled_from(PLAIN + CUSTOM + FIXED),
+    opt_in=st.booleans(),
+    forward_hook=st.booleans(),
+    pre_hook=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+@settings(max_examples=500)
+def test_only_stock_layers_are_replaced_and_replacing_keeps_the_function_sweep(
+    kind: str, variant: str, opt_in: bool, forward_hook: bool, pre_hook: bool, seed: int
+) -> None:
+    _stock_or_custom(
+        kind=kind,
+        variant=variant,
+        opt_in=opt_in,
+        forward_hook=forward_hook,
+        pre_hook=pre_hook,
+        seed=seed,
+    )
 
 
 def test_hooks_move_to_the_new_layer_and_their_handles_still_remove_them() -> None:

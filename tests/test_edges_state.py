@@ -116,17 +116,7 @@ def _unchanged(model: nn.Module, snapshot: Any) -> bool:
     )
 
 
-@given(
-    steps=st.sampled_from([0, 1, 3]),
-    counted=st.integers(0, 1),
-    where=st.integers(0, 10**6),
-    value=st.sampled_from(HOSTILE),
-    remove=st.booleans(),
-)
-@settings(max_examples=120)
-def test_any_damaged_state_is_refused_with_the_model_untouched(
-    steps: int, counted: int, where: int, value: Any, remove: bool
-) -> None:
+def _damaged_state(steps: int, counted: int, where: int, value: Any, remove: bool) -> None:
     state = STATES[(steps, counted)]
     paths = _paths(state)
     damaged = _damaged(state, paths[where % len(paths)], value, remove)
@@ -147,6 +137,35 @@ def test_any_damaged_state_is_refused_with_the_model_untouched(
             if change.skipped is None and change.ranks is not None:
                 layer = fresh.get_submodule(change.name)
                 assert isinstance(layer, DecomposedLayer)
+
+
+@given(
+    steps=st.sampled_from([0, 1, 3]),
+    counted=st.integers(0, 1),
+    where=st.integers(0, 10**6),
+    value=st.sampled_from(HOSTILE),
+    remove=st.booleans(),
+)
+@settings(max_examples=120)
+def test_any_damaged_state_is_refused_with_the_model_untouched(
+    steps: int, counted: int, where: int, value: Any, remove: bool
+) -> None:
+    _damaged_state(steps=steps, counted=counted, where=where, value=value, remove=remove)
+
+
+@pytest.mark.slow
+@given(
+    steps=st.sampled_from([0, 1, 3]),
+    counted=st.integers(0, 1),
+    where=st.integers(0, 10**6),
+    value=st.sampled_from(HOSTILE),
+    remove=st.booleans(),
+)
+@settings(max_examples=1000)
+def test_any_damaged_state_is_refused_with_the_model_untouched_sweep(
+    steps: int, counted: int, where: int, value: Any, remove: bool
+) -> None:
+    _damaged_state(steps=steps, counted=counted, where=where, value=value, remove=remove)
 
 
 @pytest.mark.parametrize("steps", [1, 3])
@@ -189,6 +208,7 @@ def test_settings_that_cannot_be_built_are_a_recipe_error() -> None:
     state = STATES[(1, 0)]
     for key, value in [
         ("layers_per_step", -1),
+        ("stages", 10**30),  # the plan would list 10**30 stages
         ("methods", {"0": "bogus"}),
         ("strategy", {"strategy": "nope"}),
         ("options", {"tt_cores": "x"}),
