@@ -145,7 +145,7 @@ def factorize(
             dtype=weight.dtype,
         )
         layer.train(module.training)
-        layer.requires_grad_(weight.requires_grad)
+        layer.take_requires_grad(module)
         planned.append((name, layer))
     if not planned:
         raise StagecompError(

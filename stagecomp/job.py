@@ -23,6 +23,7 @@ from stagecomp.layer_shape import LayerShape
 from stagecomp.layers.base import DecomposedLayer
 from stagecomp.methods import get_method, layer_class
 from stagecomp.options import DecomposeOptions
+from stagecomp.plain_layers import fixed_code
 from stagecomp.plan import WEIGHT, PlannedLayer
 from stagecomp.strategies import RankRequest, allows_growth
 
@@ -62,6 +63,10 @@ def run_layer_job(
     shape = LayerShape.from_module(module, name)
     params_before = sum(p.numel() for p in module.parameters())
     change = LayerChange(step, stage, name, target.method, None, params_before, params_before)
+    obstacle = fixed_code(module)  # a parametrization or state-dict hook added since the plan
+    if obstacle is not None:
+        change.skipped = obstacle
+        return change, None
     grow = allows_growth(target.strategy)
     if context.latency is None:
         method = target.method

@@ -27,6 +27,20 @@ def _pair(value: Any) -> tuple[int, int]:
     return (int(first), int(second))
 
 
+def _count(value: Any, label: str, least: int) -> int:
+    """An integer at least ``least`` read from a recipe; bools and floats are refused."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f"{label} {value!r} is not an integer >= {least}")
+    return value
+
+
+def _checked_pair(value: Any, label: str, least: int) -> tuple[int, int]:
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        return (_count(value[0], label, least), _count(value[1], label, least))
+    single = _count(value, label, least)
+    return (single, single)
+
+
 @dataclass(frozen=True)
 class LayerShape:
     """Everything about a Linear or Conv2d layer except its weights.
@@ -213,19 +227,45 @@ class LayerShape:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LayerShape:
+        """The shape ``to_dict`` wrote, every value checked (a recipe may be damaged).
+
+        Raises:
+            ValueError: a value of the wrong type or out of range, naming it.
+        """
+        if not isinstance(data, dict):
+            raise ValueError(f"a layer shape is a table, got {type(data).__name__}")
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown layer shape keys {sorted(unknown)}")
         padding = data.get("padding", (0, 0))
-        return cls(
-            kind=str(data["kind"]),
-            in_channels=int(data["in_channels"]),
-            out_channels=int(data["out_channels"]),
-            kernel_size=_pair(data.get("kernel_size", (1, 1))),
-            stride=_pair(data.get("stride", (1, 1))),
-            padding=padding if isinstance(padding, str) else _pair(padding),
-            dilation=_pair(data.get("dilation", (1, 1))),
-            groups=int(data.get("groups", 1)),
-            bias=bool(data.get("bias", True)),
-            padding_mode=str(data.get("padding_mode", "zeros")),
+        bias = data.get("bias", True)
+        if not isinstance(bias, bool):
+            raise ValueError(f"bias {bias!r} is not true or false")
+        kind, mode = data.get("kind"), data.get("padding_mode", "zeros")
+        if not isinstance(kind, str) or not isinstance(mode, str):
+            raise ValueError(f"kind {kind!r} and padding_mode {mode!r} must be strings")
+        shape = cls(
+            kind=kind,
+            in_channels=_count(data.get("in_channels"), "in_channels", 1),
+            out_channels=_count(data.get("out_channels"), "out_channels", 1),
+            kernel_size=_checked_pair(data.get("kernel_size", (1, 1)), "kernel_size", 1),
+            stride=_checked_pair(data.get("stride", (1, 1)), "stride", 1),
+            padding=padding
+            if padding in ("same", "valid")
+            else _checked_pair(padding, "padding", 0),
+            dilation=_checked_pair(data.get("dilation", (1, 1)), "dilation", 1),
+            groups=_count(data.get("groups", 1), "groups", 1),
+            bias=bias,
+            padding_mode=mode,
         )
+        if shape.in_channels % shape.groups or shape.out_channels % shape.groups:
+            raise ValueError(
+                f"groups={shape.groups} does not divide in_channels={shape.in_channels} "
+                f"and out_channels={shape.out_channels}"
+            )
+        if kind == "linear" and (shape.kernel_size != (1, 1) or shape.groups != 1):
+            raise ValueError("a linear layer has a 1x1 kernel and one group")
+        return shape
 
     def __post_init__(self) -> None:
         if self.kind not in ("linear", "conv2d", "conv1d"):

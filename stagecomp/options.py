@@ -6,6 +6,18 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from stagecomp.decompositions.tucker2 import HOOI_ITERS, HOOI_TOL
+from stagecomp.errors import StagecompError
+
+SVD_SOLVERS = ("auto", "exact", "randomized")
+
+
+def _integer(label: str, value: Any, least: int | None) -> None:
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise StagecompError(f"DecomposeOptions {label}={value!r} is not an integer")
+    if least is not None and value < least:
+        raise StagecompError(
+            f"DecomposeOptions {label}={value!r} is not allowed; expected >= {least}"
+        )
 
 
 @dataclass(frozen=True)
@@ -57,6 +69,38 @@ class DecomposeOptions:
     ht_cores: int | None = None
     ht_in_modes: tuple[int, ...] | None = None
     ht_out_modes: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        """Check every field, so a bad value fails here and not deep inside a step."""
+        _integer("seed", self.seed, None)
+        if self.svd_solver not in SVD_SOLVERS:
+            raise StagecompError(
+                f"DecomposeOptions svd_solver={self.svd_solver!r} is not allowed; "
+                f"expected one of {SVD_SOLVERS}"
+            )
+        _integer("hooi_iters", self.hooi_iters, 0)
+        if self.cp_max_iter is not None:
+            _integer("cp_max_iter", self.cp_max_iter, 1)
+        tol = self.cp_tol
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < 1:
+            raise StagecompError(
+                f"DecomposeOptions cp_tol={tol!r} is not allowed; expected a number in [0, 1)"
+            )
+        if self.tt_cores is not None:
+            _integer("tt_cores", self.tt_cores, 1)
+        for label in ("tt_in_modes", "tt_out_modes"):
+            modes = getattr(self, label)
+            if modes is None:
+                continue
+            if isinstance(modes, list):
+                object.__setattr__(self, label, modes := tuple(modes))
+            if not isinstance(modes, tuple) or not modes:
+                raise StagecompError(
+                    f"DecomposeOptions {label}={modes!r} is not allowed; expected a tuple of "
+                    "integers"
+                )
+            for mode in modes:  # their range and product are the TT layer's to check
+                _integer(label, mode, None)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

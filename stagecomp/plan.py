@@ -9,7 +9,7 @@ or in ``skipped`` with the reason.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from torch import nn
@@ -21,6 +21,7 @@ from stagecomp.layers.base import DecomposedLayer, Rank
 from stagecomp.matching import check_keys, key_matches, lookup, select
 from stagecomp.methods import check_method, default_method, get_method
 from stagecomp.options import DecomposeOptions
+from stagecomp.plain_layers import OPT_IN, custom_code, fixed_code
 from stagecomp.report import format_plan
 from stagecomp.strategies import Manual, RankStrategy, unavailable_reason
 from stagecomp.strategies.reduction import rank_at_step
@@ -232,7 +233,11 @@ def build_plan(
     targets: list[PlannedLayer] = []
     skipped: dict[str, str] = {}
     for name, module in candidates:
-        reason = fixed.get(name)
+        reason = fixed.get(name) or fixed_code(module)
+        custom = custom_code(module)
+        named = name in methods or ranks.get(name, None) is not None
+        if reason is None and custom is not None and not named:
+            reason = f"{custom}; {OPT_IN}"
         if reason is None and name in excluded:
             reason = "excluded"
         layer_strategy = _strategy_for(ranks, strategy, name)
@@ -245,6 +250,11 @@ def build_plan(
                 name, module, layer_strategy, methods, factors, options, calibrated
             )
             if isinstance(planned, PlannedLayer):
+                if custom is not None:
+                    note = f"replaced as asked although {custom}"
+                    planned = replace(
+                        planned, note=f"{planned.note}; {note}" if planned.note else note
+                    )
                 targets.append(planned)
                 continue
             reason = planned

@@ -12,6 +12,7 @@ Every function here is plain torch on the input's device and dtype.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -21,6 +22,12 @@ from stagecomp.threads import single_threaded
 
 # Below this many columns per product, tt_matrix_apply runs one big GEMM instead of a bmm.
 _FEW_COLUMNS = 128
+
+MAX_TT_CORES = 32
+"""Most modes a TT-matrix side is split into: far beyond any useful layer (a 2**32-channel
+side has 32 prime factors of 2), and a bound on what a recipe can make a load allocate."""
+
+_TRIAL_LIMIT = 1 << 16
 
 TTRanks = int | Sequence[int] | None
 """Bond ranks as the functions here take them: one cap for every bond, one per bond, or None."""
@@ -55,9 +62,14 @@ def factorize_modes(n: int, d: int) -> tuple[int, ...]:
     n, d = int(n), int(d)
     if n < 1 or d < 1:
         raise ValueError(f"factorize_modes needs n >= 1 and d >= 1, got n={n}, d={d}")
+    if d > MAX_TT_CORES:
+        raise ValueError(f"factorize_modes splits into at most {MAX_TT_CORES} modes, got d={d}")
     primes: list[int] = []
     rest, p = n, 2
-    while p * p <= rest:
+    # Trial division up to _TRIAL_LIMIT finds every prime factor of a channel count below
+    # _TRIAL_LIMIT**2 (2**32); a larger remainder is kept as one factor (the product is
+    # still n), so a huge prime cannot make this run for hours.
+    while p * p <= rest and p <= _TRIAL_LIMIT:
         while rest % p == 0:
             primes.append(p)
             rest //= p
@@ -340,17 +352,29 @@ def tt_matrix_modes(
     Raises:
         ValueError: naming the modes and sizes that do not fit.
     """
-    if out_modes is None and in_modes is None and (isinstance(cores, bool) or cores < 1):
-        raise ValueError(f"{option}_cores must be a positive integer, got {cores!r}")
+    if (
+        out_modes is None
+        and in_modes is None
+        and (
+            isinstance(cores, bool) or not isinstance(cores, int) or not 1 <= cores <= MAX_TT_CORES
+        )
+    ):
+        raise ValueError(
+            f"{option}_cores must be an integer from 1 to {MAX_TT_CORES}, got {cores!r}"
+        )
     checked: list[tuple[int, ...] | None] = []
     for side, size, modes in (("out", out_size, out_modes), ("in", in_size, in_modes)):
         if modes is None:
             checked.append(None)
             continue
         values = tuple(modes)
-        if not values or any(isinstance(m, bool) or int(m) != m or m < 1 for m in values):
+        if not 1 <= len(values) <= MAX_TT_CORES:
+            raise ValueError(
+                f"{option}_{side}_modes has {len(values)} modes; expected 1 to {MAX_TT_CORES}"
+            )
+        if any(isinstance(m, bool) or not hasattr(m, "__index__") or m < 1 for m in values):
             raise ValueError(f"{option}_{side}_modes {values} must be positive integers")
-        values = tuple(int(m) for m in values)
+        values = tuple(operator.index(m) for m in values)
         if math.prod(values) != size:
             raise ValueError(
                 f"{option}_{side}_modes {values} multiply to {math.prod(values)}, "

@@ -182,6 +182,11 @@ def allocate_ranks(
         raise StagecompError(
             f"allocate_ranks method={method!r} is not allowed; expected one of {SVD_METHODS}"
         )
+    if isinstance(names, str) or not isinstance(names, Sequence) or not names:
+        raise StagecompError(
+            f"allocate_ranks names={names!r} is not allowed; expected a non-empty list of "
+            "Linear / 1x1 conv layer names to share the budget"
+        )
     variant = variant or ("gradient" if sensitivity == "gradient" else "whiten")
     check_variant(variant)
     options = options or DecomposeOptions()
