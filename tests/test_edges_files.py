@@ -326,7 +326,7 @@ def _damaged_folder(
     remove=st.booleans(),
     kind=st.sampled_from(["truncate", "flip", "header"]),
 )
-@settings(max_examples=80)
+@settings(max_examples=70)
 def test_any_damaged_folder_loads_exactly_or_is_a_recipe_error(
     tmp_path_factory: pytest.TempPathFactory,
     damage: str,

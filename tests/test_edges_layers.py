@@ -126,7 +126,7 @@ def _stock_or_custom(
     pre_hook=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-@settings(max_examples=60)
+@settings(max_examples=50)
 def test_only_stock_layers_are_replaced_and_replacing_keeps_the_function(
     kind: str, variant: str, opt_in: bool, forward_hook: bool, pre_hook: bool, seed: int
 ) -> None:
@@ -196,7 +196,7 @@ def test_a_parametrization_added_after_the_plan_is_skipped_at_its_step() -> None
     stages=st.integers(1, 2),
     data_aware=st.booleans(),
 )
-@settings(max_examples=30)
+@settings(max_examples=25)
 def test_requires_grad_is_kept_per_parameter_role(
     method: str, weight_trained: bool, bias_trained: bool, stages: int, data_aware: bool
 ) -> None:

@@ -146,7 +146,7 @@ def _damaged_state(steps: int, counted: int, where: int, value: Any, remove: boo
     value=st.sampled_from(HOSTILE),
     remove=st.booleans(),
 )
-@settings(max_examples=120)
+@settings(max_examples=100)
 def test_any_damaged_state_is_refused_with_the_model_untouched(
     steps: int, counted: int, where: int, value: Any, remove: bool
 ) -> None:

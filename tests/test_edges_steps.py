@@ -171,7 +171,7 @@ def _failure_inside_a_step(
     failure=st.sampled_from(sorted(FAILURES)),
     method=st.sampled_from(["tucker2", "svd_id", "tt"]),
 )
-@settings(max_examples=45)
+@settings(max_examples=40)
 def test_any_failure_inside_a_step_leaves_everything_as_before(
     stages: int, per_step: int, steps_before: int, point: str, nth: int, failure: str, method: str
 ) -> None:
