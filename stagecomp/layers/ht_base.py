@@ -67,6 +67,7 @@ class HTLayer(DecomposedLayer):
     """
 
     method = "ht"
+    structure_keys = ("ht_in_modes", "ht_out_modes")
     default_modes: ClassVar[int]
     """Channel modes when neither ``options.ht_cores`` nor explicit modes are given."""
 
