@@ -16,6 +16,7 @@ from stagecomp.compressor import Compressor
 from stagecomp.config import Calibration
 from stagecomp.data_aware import decompose_data_aware
 from stagecomp.decompose import decompose, empty_layer
+from stagecomp.distillation import LocalDistillation
 from stagecomp.errors import (
     CompressionFinishedError,
     DistributedError,
@@ -76,6 +77,7 @@ __all__ = [
     "LayerChange",
     "LayerShape",
     "LayerStatistics",
+    "LocalDistillation",
     "Manual",
     "MethodHandler",
     "ModelStats",

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from stagecomp.changes import LayerChange, StepResult
 from stagecomp.config import Calibration
+from stagecomp.distillation import refine_step
 from stagecomp.distributed import shared_step, use_distributed
 from stagecomp.errors import CompressionFinishedError, RecipeError, StagecompError
 from stagecomp.job import JobContext, run_layer_job
@@ -192,7 +193,10 @@ class Compressor(metaclass=AcceptsLegacyArguments):
                 f"the strategy of {_names(wanting)} reads calibration statistics, but no "
                 "calibration was given; pass calibration=stagecomp.Calibration(batches)"
             )
-        if self.calibration is not None and not any(uses_statistics(t) for t in self.targets):
+        refine = self.calibration.refine if self.calibration is not None else None
+        if refine is not None:
+            refine.check_model(self.model)
+        elif self.calibration is not None and not any(uses_statistics(t) for t in self.targets):
             noted = [t.name for t in self.targets if t.note]
             notes = f"{_names(noted)}: no data-aware factors for their method" if noted else ""
             raise StagecompError(
@@ -306,6 +310,17 @@ class Compressor(metaclass=AcceptsLegacyArguments):
                 replaced = {name: new for name, (_, new) in pairs.items()}
             else:
                 changes, replaced = self._local_step(chunk, job, desc, swapped)
+            if self.calibration is not None:  # local distillation, if Calibration(refine=...)
+                previous = dict(reversed(swapped))  # each layer's module before the step
+                refine_step(
+                    self.model,
+                    self.calibration,
+                    replaced,
+                    previous,
+                    changes,
+                    progress=self.progress,
+                    distributed=use_distributed(self.distributed),
+                )
             after = self._count_checked(f"step {step_number}: with the new layers in place")
             result = self._step_result(step_number, changes, replaced, params_before, after)
         except BaseException:

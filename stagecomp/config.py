@@ -18,6 +18,7 @@ import torch
 
 from stagecomp.calibration import Forward, OutputFn
 from stagecomp.data_aware import VARIANTS, check_variant
+from stagecomp.distillation import LocalDistillation
 from stagecomp.errors import StagecompError
 from stagecomp.latency_aware import LatencyAware
 from stagecomp.options import DecomposeOptions
@@ -53,6 +54,9 @@ class Calibration:
             the original layer's outputs on the original inputs, so it also undoes the
             drift of earlier compressed layers (one copy of the model, a second forward
             per batch).
+        refine: After each step swaps its new layers in, train them briefly to reproduce
+            the layers they replaced on these batches (``stagecomp.LocalDistillation``);
+            ``None``: no training. Works with ``factors=None`` too.
     """
 
     batches: Iterable[Any] = field(repr=False, compare=False)
@@ -60,6 +64,7 @@ class Calibration:
     forward: Forward | None = field(default=None, repr=False, compare=False)
     output: OutputFn | None = field(default=None, repr=False, compare=False)
     correct_drift: bool = False
+    refine: LocalDistillation | None = None
 
     def __post_init__(self) -> None:
         batches = self.batches
@@ -95,6 +100,11 @@ class Calibration:
                 f"Calibration correct_drift={self.correct_drift!r} is not allowed; "
                 "expected True or False"
             )
+        if self.refine is not None and not isinstance(self.refine, LocalDistillation):
+            raise StagecompError(
+                f"Calibration refine={type(self.refine).__name__} is not allowed; expected "
+                "stagecomp.LocalDistillation(...) or None"
+            )
         if self.correct_drift and not self.variants():
             raise StagecompError(
                 "Calibration correct_drift=True refits data-aware factors, but factors=None "
@@ -120,6 +130,7 @@ class Calibration:
             "forward": None if self.forward is None else _CUSTOM,
             "output": None if self.output is None else _CUSTOM,
             "correct_drift": self.correct_drift,
+            "refine": None if self.refine is None else self.refine.to_dict(),
         }
 
     @classmethod
@@ -144,6 +155,9 @@ class Calibration:
             forward=forward,
             output=output,
             correct_drift=bool(data.get("correct_drift", False)),
+            refine=None
+            if data.get("refine") is None
+            else LocalDistillation.from_dict(data["refine"]),
         )
 
 
@@ -160,5 +174,6 @@ __all__ = [
     "DecomposeOptions",
     "FactorsSetting",
     "LatencyAware",
+    "LocalDistillation",
     "latency_from_dict",
 ]
