@@ -23,7 +23,7 @@ from stagecomp.layers.base import DecomposedLayer
 from stagecomp.methods import get_method, layer_class
 from stagecomp.options import DecomposeOptions
 from stagecomp.plan import WEIGHT, PlannedLayer
-from stagecomp.strategies import RankRequest, allows_growth
+from stagecomp.strategies import RankRequest, allows_growth, method_pick
 
 _ERROR_ROWS = 256
 
@@ -62,12 +62,16 @@ def run_layer_job(
     params_before = sum(p.numel() for p in module.parameters())
     change = LayerChange(step, stage, name, target.method, None, params_before, params_before)
     grow = allows_growth(target.strategy)
+    picked = method_pick(target.strategy, name, stage)  # a whole-model strategy picks the method
+    if picked is not None and picked.method is None:
+        change.skipped = picked.reason
+        return change, None
     if context.latency is None:
-        method = target.method
+        method = picked.method if picked is not None and picked.method else target.method
         ranks = _ranks(module, shape, method, target, stage, context, statistics)
     else:
         proposals = []
-        pinned = target.method if target.pinned else None
+        pinned = picked.method if picked is not None else target.method if target.pinned else None
         for candidate in context.latency.candidate_methods(shape, pinned):
             try:
                 proposals.append(

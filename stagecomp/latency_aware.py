@@ -258,12 +258,12 @@ class LatencyChooser:
             input_shape = (self.config.batch_size, *input_shape[1:])
         current_params = sum(p.numel() for p in module.parameters())
         current = Candidate(name, CURRENT, None, shape, input_shape, current_params, channels_last)
-        current_s = self._time(current, module, options)
+        current_s = self.time(current, module, options)
         timings: list[tuple[Candidate, float]] = [(current, current_s)]
         for candidate in self._candidates(
             module, shape, proposals, options, current, allows_growth
         ):
-            timings.append((candidate, self._time(candidate, module, options)))
+            timings.append((candidate, self.time(candidate, module, options)))
         best: tuple[Candidate, float] | None = None
         for candidate, seconds in timings[1:]:
             # Strictly faster wins; on a tie the earlier (unrounded, preferred) one stays.
@@ -330,8 +330,12 @@ class LatencyChooser:
                 )
         return found
 
-    def _time(self, candidate: Candidate, module: nn.Module, options: DecomposeOptions) -> float:
-        """Seconds of ``candidate`` on ``module``'s device and dtype (cached)."""
+    def time(self, candidate: Candidate, module: nn.Module, options: DecomposeOptions) -> float:
+        """Seconds of ``candidate`` on ``module``'s device and dtype (cached per geometry).
+
+        ``module`` is the layer as it is (timed itself for ``CURRENT``); it only lends its
+        device and dtype to the other candidates, which are built from their structure.
+        """
         if self.config.timer is not None:
             return float(self.config.timer(candidate))
         device, dtype = _device_dtype(module)

@@ -1,0 +1,203 @@
+"""Allocate, measure the whole model, adjust, until the measured speed-up is the target.
+
+The per-layer table says how much layer time each allocation saves; the whole model
+saves a different amount (memory-bound glue keeps its cost, kernels change when factors
+get thin). The loop treats the relation as a gain ``g``: whole-model seconds saved per
+second of layer time saved. It starts from ``g = 1``, measures, re-estimates ``g`` from
+the last measurement, and keeps a bracket of budgets known to be too slow and too fast;
+when the next budget would leave the bracket or give an allocation already tried it
+bisects instead. It stops within ``tolerance`` of the target, when no new allocation is
+left between the bracket's ends, or after ``max_rounds`` measurements.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from stagecomp.speed.allocation import (
+    Allocation,
+    allocate,
+    as_it_is,
+    fastest,
+    total_error,
+    total_seconds,
+)
+from stagecomp.speed.layer_table import LayerOption, LayerTable
+
+logger = logging.getLogger(__name__)
+
+Measure = Callable[[Allocation], tuple[float, float]]
+"""Seconds of the dense reference model and of the model with an allocation, timed together."""
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One measured allocation.
+
+    Attributes:
+        budget_s: The summed layer latency it was allocated for.
+        layer_s: Its summed layer latency (from the table).
+        error: Its summed predicted error.
+        speedup: Measured: the dense reference's seconds over its seconds.
+    """
+
+    budget_s: float
+    layer_s: float
+    error: float
+    speedup: float
+
+
+@dataclass
+class LoopResult:
+    """What the loop settled on.
+
+    Attributes:
+        allocation: The chosen choice of every layer.
+        goal: The speed-up aimed at.
+        speedup: Its measured speed-up.
+        reached: Whether that is within the tolerance of the goal.
+        reason: Why not, when it is not.
+        start_speedup: Measured speed-up of the model as it was (1 at the first stage).
+        trials: Every measurement, in order.
+    """
+
+    allocation: Allocation
+    goal: float
+    speedup: float
+    reached: bool
+    reason: str | None
+    start_speedup: float
+    trials: list[Trial] = field(default_factory=list)
+
+
+def search(
+    tables: Sequence[LayerTable],
+    measure: Measure,
+    goal: float,
+    tolerance: float = 0.05,
+    max_rounds: int = 8,
+) -> LoopResult:
+    """The least-error allocation whose measured speed-up is within ``tolerance`` of ``goal``.
+
+    Args:
+        tables: Every target layer's choices.
+        measure: Times the dense reference and an allocation (see ``Measure``).
+        goal: Whole-model speed-up over the dense reference to reach (> 1).
+        tolerance: Relative distance from ``goal`` that counts as reached.
+        max_rounds: Most allocations measured.
+    """
+    start = as_it_is(tables)
+    reference_s, start_s = measure(start)
+    start_speedup = reference_s / start_s
+    result = LoopResult(start, goal, start_speedup, False, None, start_speedup)
+    if abs(start_speedup / goal - 1) <= tolerance:
+        result.reached = True
+        return result
+    start_layer_s = total_seconds(start)
+    floor_s = total_seconds(fastest(tables))
+    gain = 1.0
+    # Budgets known to measure below / above the goal: the model as it is is one of them.
+    too_slow: float | None = start_layer_s if start_speedup < goal else None
+    too_fast: float | None = start_layer_s if start_speedup > goal else None
+    tried = {_key(tables, start): Trial(start_layer_s, start_layer_s, 0.0, start_speedup)}
+    budget = start_layer_s - reference_s * (1 / start_speedup - 1 / goal) / gain
+    best: tuple[Allocation, Trial] | None = None
+    for _ in range(max_rounds):
+        budget = _inside(budget, too_fast, too_slow, floor_s, start_layer_s)
+        allocation = allocate(tables, budget)
+        key = _key(tables, allocation)
+        if key in tried:
+            if too_fast is None or too_slow is None:
+                break  # nothing new on the open side: the hull ends here
+            budget = (too_fast + too_slow) / 2
+            allocation = allocate(tables, budget)
+            key = _key(tables, allocation)
+            if key in tried:
+                break  # no allocation left between the bracket's ends
+        reference_s, seconds = measure(allocation)
+        trial = Trial(
+            budget, total_seconds(allocation), total_error(allocation), reference_s / seconds
+        )
+        tried[key] = trial
+        result.trials.append(trial)
+        logger.info(
+            "goal %.3gx: layer budget %.4g s -> measured %.3gx (predicted error %.3g)",
+            goal,
+            budget,
+            trial.speedup,
+            trial.error,
+        )
+        if best is None or _closer(trial, best[1], goal, tolerance):
+            best = (allocation, trial)
+        if abs(trial.speedup / goal - 1) <= tolerance:
+            break
+        if trial.speedup < goal:
+            too_slow = budget if too_slow is None else min(too_slow, budget)
+            if trial.layer_s <= floor_s:
+                break  # every layer at its fastest already
+        else:
+            too_fast = budget if too_fast is None else max(too_fast, budget)
+        saved_layer = start_layer_s - trial.layer_s
+        saved_model = reference_s * (1 / start_speedup - 1 / trial.speedup)
+        if saved_layer > 0 and saved_model > 0:
+            gain = min(4.0, max(0.25, saved_model / saved_layer))
+        budget = start_layer_s - reference_s * (1 / start_speedup - 1 / goal) / gain
+    if best is None:
+        result.reason = "no layer has a choice faster than it is now"
+        return result
+    allocation, trial = best
+    result.allocation, result.speedup = allocation, trial.speedup
+    result.reached = abs(trial.speedup / goal - 1) <= tolerance
+    if not result.reached:
+        result.reason = _why_not(tables, result, reference_s, floor_s)
+    return result
+
+
+def _inside(
+    budget: float, too_fast: float | None, too_slow: float | None, low: float, high: float
+) -> float:
+    """``budget`` kept strictly inside the bracket (bisected when it falls outside)."""
+    lo = too_fast if too_fast is not None else low
+    hi = too_slow if too_slow is not None else high
+    if too_fast is not None and too_slow is not None and not lo < budget < hi:
+        return (lo + hi) / 2
+    return min(max(budget, low), high)
+
+
+def _key(tables: Sequence[LayerTable], allocation: Mapping[str, LayerOption]) -> tuple[int, ...]:
+    return tuple(t.options.index(allocation[t.name]) for t in tables)
+
+
+def _closer(trial: Trial, other: Trial, goal: float, tolerance: float) -> bool:
+    """Whether ``trial`` is the better answer: reaching the goal first, then nearer it."""
+    reach, other_reach = (
+        trial.speedup >= goal * (1 - tolerance),
+        other.speedup >= goal * (1 - tolerance),
+    )
+    if reach != other_reach:
+        return reach
+    return abs(math.log(trial.speedup / goal)) < abs(math.log(other.speedup / goal))
+
+
+def _why_not(
+    tables: Sequence[LayerTable], result: LoopResult, reference_s: float, floor_s: float
+) -> str:
+    share = sum(t.reference_s for t in tables) / reference_s if reference_s > 0 else 0.0
+    if result.speedup < result.goal and result.trials and result.trials[-1].layer_s <= floor_s:
+        return (
+            f"{result.goal:.3g}x is out of reach: with every layer at its fastest choice the "
+            f"model measures {result.speedup:.3g}x; the layers that can be decomposed take "
+            f"{share:.0%} of its time alone, the rest (activations, additions, pooling, layers "
+            "left out) keeps its cost"
+        )
+    tried = ", ".join(f"{t.speedup:.3g}x" for t in result.trials)
+    return (
+        f"no allocation measured within the tolerance of {result.goal:.3g}x (tried {tried}); "
+        f"the closest, {result.speedup:.3g}x, is kept"
+    )
+
+
+__all__ = ["LoopResult", "Measure", "Trial", "search"]
