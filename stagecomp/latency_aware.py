@@ -220,10 +220,22 @@ class LatencyChooser:
     a ResNet or a VGG are timed once.
     """
 
-    def __init__(self, config: LatencyAware, inputs: dict[str, LayerInput]) -> None:
+    def __init__(
+        self,
+        config: LatencyAware,
+        inputs: dict[str, LayerInput],
+        cache: dict[tuple[Any, ...], float] | None = None,
+    ) -> None:
+        """
+        Args:
+            config: The settings.
+            inputs: Each layer's input (``layer_inputs``).
+            cache: Measured seconds by geometry, to share with other choosers (timings
+                of one process on one machine stay valid); default: a new one.
+        """
         self.config = config
         self.inputs = inputs
-        self._cache: dict[tuple[Any, ...], float] = {}
+        self._cache: dict[tuple[Any, ...], float] = {} if cache is None else cache
 
     def candidate_methods(self, shape: LayerShape, pinned: str | None) -> tuple[str, ...]:
         """The methods to try on a layer of ``shape`` (only ``pinned`` when one is named)."""

@@ -3,8 +3,10 @@
 The per-layer table says how much layer time each allocation saves; the whole model
 saves a different amount (memory-bound glue keeps its cost, kernels change when factors
 get thin). The loop treats the relation as a gain ``g``: whole-model seconds saved per
-second of layer time saved. It starts from ``g = 1``, measures, re-estimates ``g`` from
-the last measurement, and keeps a bracket of budgets known to be too slow and too fast;
+second of layer time saved. It starts from the whole model's seconds per second of its
+layers (as if the rest of the model sped up with them: on the ResNets measured this
+was closer than ``g = 1``, which asks far too much of the layers), measures, re-estimates
+``g`` from the last measurement, and keeps a bracket of budgets known to be too slow and too fast;
 when the next budget would leave the bracket or give an allocation already tried it
 bisects instead. It stops within ``tolerance`` of the target, when no new allocation is
 left between the bracket's ends, or after ``max_rounds`` measurements.
@@ -98,21 +100,29 @@ def search(
         return result
     start_layer_s = total_seconds(start)
     floor_s = total_seconds(fastest(tables))
-    gain = 1.0
-    # Budgets known to measure below / above the goal: the model as it is is one of them.
-    too_slow: float | None = start_layer_s if start_speedup < goal else None
-    too_fast: float | None = start_layer_s if start_speedup > goal else None
+    if start_speedup > goal:
+        result.reason = (
+            f"the model as it is already measures {start_speedup:.3g}x, faster than asked; "
+            "every choice left would only make it faster"
+        )
+        return result
+    dense_layer_s = sum(t.reference_s for t in tables)
+    gain = min(4.0, max(0.25, reference_s / dense_layer_s)) if dense_layer_s > 0 else 1.0
+    # The budget lies between the fastest allocation's and the model as it is (too slow).
+    low, high = floor_s, start_layer_s
     tried = {_key(tables, start): Trial(start_layer_s, start_layer_s, 0.0, start_speedup)}
     budget = start_layer_s - reference_s * (1 / start_speedup - 1 / goal) / gain
     best: tuple[Allocation, Trial] | None = None
     for _ in range(max_rounds):
-        budget = _inside(budget, too_fast, too_slow, floor_s, start_layer_s)
+        # Below the floor: try the floor itself (out of reach shows there); else bisect
+        # when the estimate leaves the bracket.
+        budget = max(budget, low) if budget <= low else budget
+        if budget >= high or (budget == low and low != floor_s):
+            budget = (low + high) / 2
         allocation = allocate(tables, budget)
         key = _key(tables, allocation)
         if key in tried:
-            if too_fast is None or too_slow is None:
-                break  # nothing new on the open side: the hull ends here
-            budget = (too_fast + too_slow) / 2
+            budget = (low + high) / 2
             allocation = allocate(tables, budget)
             key = _key(tables, allocation)
             if key in tried:
@@ -135,11 +145,11 @@ def search(
         if abs(trial.speedup / goal - 1) <= tolerance:
             break
         if trial.speedup < goal:
-            too_slow = budget if too_slow is None else min(too_slow, budget)
+            high = min(high, budget)
             if trial.layer_s <= floor_s:
                 break  # every layer at its fastest already
         else:
-            too_fast = budget if too_fast is None else max(too_fast, budget)
+            low = max(low, budget)
         saved_layer = start_layer_s - trial.layer_s
         saved_model = reference_s * (1 / start_speedup - 1 / trial.speedup)
         if saved_layer > 0 and saved_model > 0:
@@ -154,17 +164,6 @@ def search(
     if not result.reached:
         result.reason = _why_not(tables, result, reference_s, floor_s)
     return result
-
-
-def _inside(
-    budget: float, too_fast: float | None, too_slow: float | None, low: float, high: float
-) -> float:
-    """``budget`` kept strictly inside the bracket (bisected when it falls outside)."""
-    lo = too_fast if too_fast is not None else low
-    hi = too_slow if too_slow is not None else high
-    if too_fast is not None and too_slow is not None and not lo < budget < hi:
-        return (lo + hi) / 2
-    return min(max(budget, low), high)
 
 
 def _key(tables: Sequence[LayerTable], allocation: Mapping[str, LayerOption]) -> tuple[int, ...]:

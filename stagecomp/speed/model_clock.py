@@ -6,15 +6,16 @@ convolution kernel than it did alone. So the allocation is checked on the whole 
 a working copy (BatchNorm folded, laid out like the example input, on the serving
 device, at the serving batch size) in which each target layer can be swapped for a
 structure built from shapes alone (``empty_layer``: latency does not depend on the
-weights). Models are timed in interleaved rounds, one forward pass each, and compared by
-their medians, so drift and other processes hit every model alike.
+weights). Models are timed in interleaved rounds, one forward pass each, so drift hits
+every model alike, and compared by their fastest pass: other processes only ever add
+time, and the layer tables count the same way (``fastest_run``), so layer seconds and
+model seconds can be compared.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -88,7 +89,7 @@ class ModelClock:
         batch_size: Time at this batch size (default: the example input's).
         fold: Fold BatchNorm first, as a served model would be (when the model traces).
         warmup: Untimed passes of each model before the rounds.
-        rounds: Timed passes of each model; the median counts.
+        rounds: Timed passes of each model; the fastest counts.
     """
 
     def __init__(
@@ -150,7 +151,7 @@ class ModelClock:
 
     @torch.no_grad()
     def time(self, layouts: Sequence[Mapping[str, Structure | None]]) -> list[float]:
-        """Median seconds of a forward pass of the model with each layout, interleaved."""
+        """Fastest seconds of a forward pass of the model with each layout, interleaved."""
         built = [{name: self.build(name, s) for name, s in layout.items()} for layout in layouts]
         samples: list[list[float]] = [[] for _ in built]
         try:
@@ -164,7 +165,7 @@ class ModelClock:
         finally:
             for name, module in self.current.items():
                 replace_module(self.model, name, module)
-        return [statistics.median(s) for s in samples]
+        return [min(s) for s in samples]
 
     def _forward_seconds(self) -> float:
         if self.device.type == "cuda":

@@ -26,7 +26,7 @@ import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -110,10 +110,12 @@ class Speedup:
         fold_batchnorm: Time the models with BatchNorm folded, as they would be served.
         warmup: Untimed passes before each layer measurement and of each whole model.
         repeats: Timed passes per layer measurement (the fastest counts).
-        model_rounds: Interleaved timed passes of each whole model (the median counts).
+        model_rounds: Interleaved timed passes of each whole model (the fastest counts).
         timer: Replaces the per-layer measurement (e.g. a table, for reproducible choices).
         model_timer: Replaces the whole-model measurement. With ``timer`` given and this
             ``None``, the model's time is the sum of its layers' from ``timer``.
+        layer_cache: Measured layer seconds by geometry, shared with other ``Speedup``
+            objects (several targets on one model time each layer choice once).
     """
 
     target: float
@@ -130,6 +132,9 @@ class Speedup:
     model_rounds: int = 7
     timer: Timer | None = field(default=None, compare=False, repr=False)
     model_timer: ModelTimer | None = field(default=None, compare=False, repr=False)
+    layer_cache: dict[tuple[Any, ...], float] | None = field(
+        default=None, compare=False, repr=False
+    )
     _state: dict[int, SpeedupOutcome] = field(
         default_factory=dict, init=False, compare=False, repr=False
     )
@@ -246,7 +251,7 @@ class Speedup:
                 rounds=self.model_rounds,
             )
             timed, inputs = clock.current, clock.inputs
-        chooser = LatencyChooser(chooser_config, inputs)
+        chooser = LatencyChooser(chooser_config, inputs, self.layer_cache)
         tables = [
             build_layer_table(
                 name,
