@@ -72,9 +72,10 @@ class LatencyAware:
     Attributes:
         methods: Candidate methods; ``None`` tries every method that applies to the layer.
             A layer whose method is pinned by the Compressor's ``methods=`` tries only that.
-        round_to: Also try each rank rounded up to a multiple of this (vector width,
-            tile size); rounding up never loses accuracy against the strategy's ranks, and
-            is kept only when it is faster and still has fewer parameters. ``None`` skips it.
+        round_to: Also try each rank rounded up to a multiple of this and of twice this
+            (vector width, tile size); rounding up never loses accuracy against the
+            strategy's ranks, and is kept only when it is faster and still has fewer
+            parameters. ``None`` skips it.
         min_speedup: A candidate replaces the layer only when it is at least this many
             times faster. The default 1.0 takes any measured gain, so the result is never
             slower than the plain pass (whose choice is among the candidates when its
@@ -320,9 +321,12 @@ class LatencyChooser:
             cls = layer_class(method, shape, current.name)
             variants = [ranks]
             if self.config.round_to is not None:
-                rounded = round_up_ranks(ranks, cls.full_rank(shape, options), self.config.round_to)
-                if rounded is not None:
-                    variants.append(rounded)
+                # The vector width and twice it: AVX-512 and tensor-core tiles work in 16s.
+                full = cls.full_rank(shape, options)
+                for multiple in (self.config.round_to, 2 * self.config.round_to):
+                    rounded = round_up_ranks(ranks, full, multiple)
+                    if rounded is not None and rounded not in variants:
+                        variants.append(rounded)
             for variant in variants:
                 if isinstance(module, cls) and module.ranks == variant:
                     continue  # that is the layer as it is
