@@ -252,3 +252,20 @@ def test_bad_settings_are_refused() -> None:
 def test_settings_round_trip_through_json() -> None:
     strategy = sc.Speedup(3.0, batch_size=16, methods=("svd",), tolerance=0.1)
     assert strategy_from_dict(strategy.to_dict()) == strategy
+
+
+def test_a_step_that_starts_a_stage_prepares_it_first() -> None:
+    torch.manual_seed(0)
+    strategy = sc.Speedup(2.0, timer=_layer_ms)
+    x = torch.randn(2, 3, 16, 16)
+    compressor = sc.Compressor(
+        Net().eval(), strategy, x, layers_per_step=4, stages=2, progress=False
+    )
+    first = compressor.compression_step()  # stage 1 only
+    assert [o.stage for o in strategy.outcomes] == [0]
+    second = compressor.compression_step()  # the rest of stage 1, the start of stage 2
+    assert [o.stage for o in strategy.outcomes] == [0, 1]
+    assert {c.stage for c in first.changes} == {0} and {c.stage for c in second.changes} == {0, 1}
+    while not compressor.done:
+        compressor.compression_step()
+    assert strategy.outcome(1).goal == pytest.approx(2.0)
