@@ -107,7 +107,7 @@ def test_rank_grid_is_multiples_of_the_vector_width() -> None:
     grid = rank_grid((64, 32), 8)
     assert grid[0] == (8, 8) and grid[-1] == (64, 32)
     assert all(r % 8 == 0 for ranks in grid for r in ranks)
-    assert [r[0] for r in rank_grid((512,), 16)][:6] == [16, 32, 48, 64, 80, 96]
+    assert [r[0] for r in rank_grid((512,), 16)][:6] == [16, 32, 48, 64, 80, 112]
     assert rank_grid((5,), 8) == [(1,), (2,), (3,), (4,), (5,)]
 
 

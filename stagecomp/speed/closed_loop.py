@@ -1,15 +1,16 @@
 """Allocate, measure the whole model, adjust, until the measured speed-up is the target.
 
 The per-layer table says how much layer time each allocation saves; the whole model
-saves a different amount (memory-bound glue keeps its cost, kernels change when factors
-get thin). The loop treats the relation as a gain ``g``: whole-model seconds saved per
-second of layer time saved. It starts from the whole model's seconds per second of its
-layers (as if the rest of the model sped up with them: on the ResNets measured this
-was closer than ``g = 1``, which asks far too much of the layers), measures, re-estimates
-``g`` from the last measurement, and keeps a bracket of budgets known to be too slow and too fast;
-when the next budget would leave the bracket or give an allocation already tried it
-bisects instead. It stops within ``tolerance`` of the target, when no new allocation is
-left between the bracket's ends, or after ``max_rounds`` measurements.
+saves a different amount, and not in proportion (memory-bound glue keeps its cost, kernels
+change when factors get thin, the first cuts fall on layers that save little). So the loop
+treats the model's time as an unknown, monotone function of the allocation's summed layer
+time, measures it, and finds where it crosses the goal by regula falsi: the first budget
+assumes the whole model scales with its layers; later ones interpolate between the
+nearest measurements on either side of the goal (extrapolate from the two nearest while
+all are too slow), and bisect when that gives an allocation already measured. It stops
+within ``tolerance`` of the goal, when no new allocation is left between the nearest
+measurements on either side, when every layer at its fastest is still too slow, or after
+``max_rounds`` measurements.
 """
 
 from __future__ import annotations
@@ -106,32 +107,35 @@ def search(
             "every choice left would only make it faster"
         )
         return result
-    dense_layer_s = sum(t.reference_s for t in tables)
-    gain = min(4.0, max(0.25, reference_s / dense_layer_s)) if dense_layer_s > 0 else 1.0
-    # The budget lies between the fastest allocation's and the model as it is (too slow).
-    low, high = floor_s, start_layer_s
-    tried = {_key(tables, start): Trial(start_layer_s, start_layer_s, 0.0, start_speedup)}
-    budget = start_layer_s - reference_s * (1 / start_speedup - 1 / goal) / gain
+    dense_layer_s = sum(t.reference_s for t in tables) or start_layer_s
+    # (summed layer seconds, model seconds / reference seconds) of every measurement.
+    points = [(start_layer_s, 1 / start_speedup)]
+    tried = {_key(tables, start)}
+    # First guess: the whole model's time scales with its layers' time.
+    budget = start_layer_s - (1 / start_speedup - 1 / goal) * dense_layer_s
     best: tuple[Allocation, Trial] | None = None
     for _ in range(max_rounds):
-        # Below the floor: try the floor itself (out of reach shows there); else bisect
-        # when the estimate leaves the bracket.
-        budget = max(budget, low) if budget <= low else budget
-        if budget >= high or (budget == low and low != floor_s):
-            budget = (low + high) / 2
+        slow = min((p for p in points if p[1] > 1 / goal), key=lambda p: p[0])
+        fast = max((p for p in points if p[1] <= 1 / goal), key=lambda p: p[0], default=None)
+        low = fast[0] if fast is not None else floor_s
+        if budget < low and fast is None:
+            budget = low  # every layer at its fastest: shows at once whether the goal is in reach
+        elif not low <= budget < slow[0] or (fast is not None and budget == low):
+            budget = (low + slow[0]) / 2
         allocation = allocate(tables, budget)
         key = _key(tables, allocation)
         if key in tried:
-            budget = (low + high) / 2
+            budget = (low + slow[0]) / 2
             allocation = allocate(tables, budget)
             key = _key(tables, allocation)
             if key in tried:
-                break  # no allocation left between the bracket's ends
+                break  # no allocation left between the nearest measurements
         reference_s, seconds = measure(allocation)
         trial = Trial(
             budget, total_seconds(allocation), total_error(allocation), reference_s / seconds
         )
-        tried[key] = trial
+        tried.add(key)
+        points.append((trial.layer_s, 1 / trial.speedup))
         result.trials.append(trial)
         logger.info(
             "goal %.3gx: layer budget %.4g s -> measured %.3gx (predicted error %.3g)",
@@ -144,17 +148,9 @@ def search(
             best = (allocation, trial)
         if abs(trial.speedup / goal - 1) <= tolerance:
             break
-        if trial.speedup < goal:
-            high = min(high, budget)
-            if trial.layer_s <= floor_s:
-                break  # every layer at its fastest already
-        else:
-            low = max(low, budget)
-        saved_layer = start_layer_s - trial.layer_s
-        saved_model = reference_s * (1 / start_speedup - 1 / trial.speedup)
-        if saved_layer > 0 and saved_model > 0:
-            gain = min(4.0, max(0.25, saved_model / saved_layer))
-        budget = start_layer_s - reference_s * (1 / start_speedup - 1 / goal) / gain
+        if trial.speedup < goal and trial.layer_s <= floor_s:
+            break  # every layer at its fastest already
+        budget = _next_budget(points, 1 / goal, floor_s)
     if best is None:
         result.reason = "no layer has a choice faster than it is now"
         return result
@@ -164,6 +160,19 @@ def search(
     if not result.reached:
         result.reason = _why_not(tables, result, reference_s, floor_s)
     return result
+
+
+def _next_budget(points: list[tuple[float, float]], aim: float, floor_s: float) -> float:
+    """Where the model's time fraction should cross ``aim``: interpolated between the
+    nearest points on either side, or extrapolated from the two nearest slow ones."""
+    slow = sorted((p for p in points if p[1] > aim), key=lambda p: p[0])
+    fast = max((p for p in points if p[1] <= aim), key=lambda p: p[0], default=None)
+    near = slow[0]
+    other = fast if fast is not None else (slow[1] if len(slow) > 1 else None)
+    if other is None or other[0] == near[0] or (other[1] - near[1]) * (other[0] - near[0]) <= 0:
+        return floor_s if fast is None else (near[0] + fast[0]) / 2
+    slope = (other[1] - near[1]) / (other[0] - near[0])
+    return max(floor_s, near[0] + (aim - near[1]) / slope)
 
 
 def _key(tables: Sequence[LayerTable], allocation: Mapping[str, LayerOption]) -> tuple[int, ...]:

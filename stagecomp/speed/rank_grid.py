@@ -1,9 +1,10 @@
-"""The ranks worth timing: multiples of the vector width, about an eighth apart.
+"""The ranks worth timing: multiples of the vector width, about a quarter apart.
 
 Latency moves in steps of the vector width (a rank of 45 costs what 48 costs in a kernel
-that works on 8 or 16 channels at a time), so only multiples of it are worth a measurement,
-and between neighbouring grid points the latency changes by about an eighth, which is finer
-than the whole-model loop can resolve anyway. Multi-rank methods (Tucker2, TT) follow the
+that works on 8 or 16 channels at a time), so only multiples of it are worth a measurement;
+neighbouring grid points are about a quarter apart, which keeps a 512-channel layer to 16
+measurements per method, and a whole model has enough layers for the allocation to meet a
+budget much finer than that. Multi-rank methods (Tucker2, TT) follow the
 same path as ``Reduction``: every rank scaled with the largest one.
 """
 
@@ -20,14 +21,14 @@ def round_up(value: int, multiple: int) -> int:
 
 def leading_ranks(top: int, multiple: int) -> list[int]:
     """Grid values of the largest rank: ``multiple, 2 * multiple, ...``, then steps of about
-    an eighth of the rank (still multiples of ``multiple``), ending at ``top``."""
+    a quarter of the rank (still multiples of ``multiple``), ending at ``top``."""
     if top <= multiple:
         return list(range(1, top + 1))
     values: list[int] = []
     k = multiple
     while k < top:
         values.append(k)
-        k += max(multiple, round_up(k // 8, multiple))
+        k += max(multiple, round_up(k // 4, multiple))
     values.append(top)
     return values
 
