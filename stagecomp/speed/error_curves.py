@@ -18,11 +18,13 @@ layers are in one unit, the predicted squared change of the model's output (as
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
+from stagecomp.calibration import Forward, OutputFn, collect_gradient_moments, collect_statistics
 from stagecomp.layer_shape import LayerShape
 from stagecomp.methods import get_method
 from stagecomp.methods.unfoldings import dense_weight
@@ -86,6 +88,36 @@ def weight_seen_by_data(
     return layer
 
 
+def layers_seen_by_data(
+    model: nn.Module,
+    modules: Mapping[str, nn.Module],
+    batches: Iterable[Any],
+    *,
+    gradient: bool = False,
+    forward: Forward | None = None,
+    output: OutputFn | None = None,
+) -> dict[str, nn.Module]:
+    """``weight_seen_by_data`` for every named layer, from one calibration pass (and, with
+    ``gradient``, one backward pass per batch and probe for the gradient moments)."""
+    names = list(modules)
+    stats = collect_statistics(model, batches, names, forward=forward, progress=False)
+    gradients: dict[str, torch.Tensor] = {}
+    if gradient:
+        gradients = collect_gradient_moments(
+            model, batches, names, forward=forward, output=output, progress=False
+        )
+    return {
+        name: weight_seen_by_data(
+            module,
+            LayerShape.from_module(module, name),
+            stats[name].input_moment,
+            gradients.get(name),
+            name,
+        )
+        for name, module in modules.items()
+    }
+
+
 def error_curve(
     module: nn.Module,
     shape: LayerShape,
@@ -124,4 +156,4 @@ def error_curve(
     return curve
 
 
-__all__ = ["error_curve", "squared_spectrum", "weight_seen_by_data"]
+__all__ = ["error_curve", "layers_seen_by_data", "squared_spectrum", "weight_seen_by_data"]

@@ -31,14 +31,12 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from stagecomp.calibration import collect_gradient_moments, collect_statistics
 from stagecomp.errors import RankError, StagecompError
 from stagecomp.latency_aware import LatencyAware, LatencyChooser, Timer, layer_inputs
-from stagecomp.layer_shape import LayerShape
 from stagecomp.methods import check_method
 from stagecomp.speed.allocation import total_error
 from stagecomp.speed.closed_loop import LoopResult, Measure, search
-from stagecomp.speed.error_curves import weight_seen_by_data
+from stagecomp.speed.error_curves import layers_seen_by_data
 from stagecomp.speed.layer_table import LayerOption, LayerTable, Structure, build_layer_table
 from stagecomp.speed.model_clock import ModelClock, ModelTimer
 from stagecomp.strategies.base import MethodPick, ModelRequest, RankRequest
@@ -339,30 +337,14 @@ class Speedup:
                 f"Speedup error={mode!r} needs calibration data; pass "
                 "Compressor(..., calibration=stagecomp.Calibration(batches)) or error='weight'"
             )
-        names = list(modules)
-        stats = collect_statistics(
-            request.model, request.batches, names, forward=request.forward, progress=False
+        priced = layers_seen_by_data(
+            request.model,
+            modules,
+            request.batches,
+            gradient=mode == "gradient",
+            forward=request.forward,
+            output=request.output,
         )
-        gradients: dict[str, torch.Tensor] = {}
-        if mode == "gradient":
-            gradients = collect_gradient_moments(
-                request.model,
-                request.batches,
-                names,
-                forward=request.forward,
-                output=request.output,
-                progress=False,
-            )
-        priced = {
-            name: weight_seen_by_data(
-                module,
-                LayerShape.from_module(module, name),
-                stats[name].input_moment,
-                gradients.get(name),
-                name,
-            )
-            for name, module in modules.items()
-        }
         return priced, mode != "gradient"
 
     def _measure(self, tables: list[LayerTable], clock: ModelClock | None) -> Measure:
