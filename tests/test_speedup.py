@@ -269,3 +269,19 @@ def test_a_step_that_starts_a_stage_prepares_it_first() -> None:
     while not compressor.done:
         compressor.compression_step()
     assert strategy.outcome(1).goal == pytest.approx(2.0)
+
+
+def test_a_saved_run_resumes_with_the_same_settings() -> None:
+    torch.manual_seed(0)
+    strategy = sc.Speedup(2.0, timer=_layer_ms, model_rounds=1, warmup=0, repeats=1)
+    x = torch.randn(2, 3, 16, 16)
+    model = Net().eval()
+    compressor = sc.Compressor(model, strategy, x, layers_per_step=6, stages=2, progress=False)
+    compressor.compression_step()
+    state = compressor.state_dict()
+    fresh = Net().eval()
+    resumed = sc.Compressor.from_state(fresh, state, example_input=x, progress=False)
+    assert resumed.strategy == strategy  # settings equal; injected timers are not saved
+    assert resumed.step_index == 1
+    resumed.compression_step()  # stage 2 prepared afresh on the resumed model (measured)
+    assert resumed.done and resumed.strategy.outcome(1).goal == pytest.approx(2.0)
