@@ -55,6 +55,7 @@ from stagecomp.strategies.base import RankRequest, RankStrategy
 from stagecomp.strategies.data_aware import DataAware, allocate_ranks
 from stagecomp.strategies.manual import Manual
 from stagecomp.strategies.reduction import Reduction
+from stagecomp.strategies.speedup import Speedup
 from stagecomp.strategies.vbmf import VBMF
 from stagecomp.version import __version__
 
@@ -93,6 +94,7 @@ __all__ = [
     "Reduction",
     "SVDConv2d",
     "SVDLinear",
+    "Speedup",
     "StagecompError",
     "StepResult",
     "TTConv2d",

@@ -30,6 +30,7 @@ from stagecomp.options import DecomposeOptions
 from stagecomp.plan import LayerRank, Plan, PlannedLayer, build_plan, decomposable_layers
 from stagecomp.recipe import apply_recipe, model_recipe, undo_recipe
 from stagecomp.report import format_run_report
+from stagecomp.stage_preparation import check_model_strategies, prepare_stages
 from stagecomp.state import (
     STATE_FORMAT,
     check_fresh,
@@ -170,6 +171,7 @@ class Compressor(metaclass=AcceptsLegacyArguments):
             example_input=example_input,
         )
         self._check_calibration_use()
+        check_model_strategies(self.plan, example_input)  # e.g. Speedup: needs the model's input
         self._reference = (
             copy.deepcopy(model) if calibration is not None and calibration.correct_drift else None
         )
@@ -185,6 +187,7 @@ class Compressor(metaclass=AcceptsLegacyArguments):
         self._context = JobContext(stages, self.options, latency)
         self.step_index = 0
         self.history: list[StepResult] = []
+        self._prepared_stages: set[int] = set()  # stages whole-model strategies were prepared for
 
     def _check_calibration_use(self) -> None:
         wanting = [t.name for t in self.targets if needs_calibration(t.strategy)]
@@ -278,6 +281,10 @@ class Compressor(metaclass=AcceptsLegacyArguments):
         chunk = self.plan.steps[self.step_index]
         desc = f"stagecomp step {step_number}/{self.total_steps}"
         params_before = sum(p.numel() for p in self.model.parameters())
+        prepare_stages(  # whole-model strategies (needs_model) size this step's new stages
+            self.model, self.example_input, self.plan, chunk, self._prepared_stages,
+            stages=self.stages, options=self.options, calibration=self.calibration,
+        )  # fmt: skip
         # Every rank calibrates the whole step on the same (unchanged) model, so the
         # statistics, and the factors computed from them, agree across ranks.
         statistics = step_statistics(

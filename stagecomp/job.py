@@ -25,7 +25,7 @@ from stagecomp.methods import get_method, layer_class
 from stagecomp.options import DecomposeOptions
 from stagecomp.plain_layers import fixed_code
 from stagecomp.plan import WEIGHT, PlannedLayer
-from stagecomp.strategies import RankRequest, allows_growth
+from stagecomp.strategies import RankRequest, allows_growth, method_pick
 
 _ERROR_ROWS = 256
 
@@ -68,12 +68,16 @@ def run_layer_job(
         change.skipped = obstacle
         return change, None
     grow = allows_growth(target.strategy)
+    picked = method_pick(target.strategy, name, stage)  # a whole-model strategy picks the method
+    if picked is not None and picked.method is None:
+        change.skipped = picked.reason
+        return change, None
     if context.latency is None:
-        method = target.method
+        method = picked.method if picked is not None and picked.method else target.method
         ranks = _ranks(module, shape, method, target, stage, context, statistics)
     else:
         proposals = []
-        pinned = target.method if target.pinned else None
+        pinned = picked.method if picked is not None else target.method if target.pinned else None
         for candidate in context.latency.candidate_methods(shape, pinned):
             try:
                 proposals.append(
