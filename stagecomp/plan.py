@@ -8,7 +8,7 @@ or in ``skipped`` with the reason.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -106,35 +106,37 @@ class Plan:
         return "\n".join([text, *(f"note: {r}" for r in self.remarks)])
 
 
-def decomposable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Every Linear, Conv2d, Conv1d, Hugging Face Conv1D and decomposed layer, not counting
-    the insides of decomposed ones."""
-    found: list[tuple[str, nn.Module]] = []
+def _outside_decomposed(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Every named module except the insides of decomposed layers (their factors are not
+    layers of the user's model)."""
     inside: list[str] = []
     for name, module in model.named_modules():
-        if any(name.startswith(prefix + ".") for prefix in inside):
+        if not name or any(name.startswith(prefix + ".") for prefix in inside):
             continue
         if isinstance(module, DecomposedLayer):
             inside.append(name)
-            found.append((name, module))
-        elif is_plain_layer(module) and name:
-            found.append((name, module))
-    return found
+        yield name, module
+
+
+def decomposable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every Linear, Conv2d, Conv1d, Hugging Face Conv1D and decomposed layer, not counting
+    the insides of decomposed ones."""
+    return [
+        (name, module)
+        for name, module in _outside_decomposed(model)
+        if isinstance(module, DecomposedLayer) or is_plain_layer(module)
+    ]
 
 
 def unsupported_layers(model: nn.Module) -> dict[str, str]:
     """Layers with weights stagecomp does not decompose (Conv3d, Embedding ...), with the reason,
     so that the plan lists them instead of skipping them silently."""
     found: dict[str, str] = {}
-    inside: list[str] = []
-    for name, module in model.named_modules():
-        if any(name.startswith(prefix + ".") for prefix in inside):
+    for name, module in _outside_decomposed(model):
+        if isinstance(module, DecomposedLayer) or is_plain_layer(module):
             continue
-        if isinstance(module, DecomposedLayer):
-            inside.append(name)
-            continue
-        reason = None if is_plain_layer(module) else unsupported_reason(module)
-        if reason is not None and name:
+        reason = unsupported_reason(module)
+        if reason is not None:
             found[name] = reason
     return found
 
