@@ -61,6 +61,11 @@ def fixed_code(module: nn.Module) -> str | None:
     ``spectral_norm``) and state-dict hooks belong to the layer's own parameters; a
     decomposed layer has other parameters, so no opt-in can keep them.
     """
+    if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
+        return (
+            "it is a lazy layer whose shape is not known yet: run one forward pass before "
+            "compressing it"
+        )
     parametrizations = getattr(module, "parametrizations", None)
     if isinstance(parametrizations, nn.ModuleDict) and len(parametrizations):
         names = ", ".join(parametrizations.keys())
