@@ -208,6 +208,16 @@ class _Accumulator:
                 f"layer {self.name!r} saw no input during calibration; "
                 "check that the batches run through it"
             )
+        for label, total in (("inputs", self.xx_sum), ("outputs", self.yy_sum)):
+            if total is not None and not bool(torch.isfinite(total).all()):
+                raise StagecompError(
+                    f"layer {self.name!r}: its calibration {label} hold NaN or infinity; "
+                    "check the calibration batches (and the layers before this one)"
+                )
+        if self.cross_sum is not None and not bool(torch.isfinite(self.cross_sum).all()):
+            raise StagecompError(
+                f"layer {self.name!r}: the reference model's inputs to it hold NaN or infinity"
+            )
         n = float(self.count)
         stats = LayerStatistics(self.count, self.xx_sum / n, self.x_sum / n)
         if self.yy_sum is not None and self.y_sum is not None:
@@ -478,6 +488,12 @@ def collect_gradient_moments(
     for name in names:
         if name not in sums:
             logger.info("layer %r: %s", name, NO_GRADIENT)
+    broken = [n for n in sums if not bool(torch.isfinite(sums[n]).all())]
+    if broken:
+        raise StagecompError(
+            f"the output gradients at layers {broken} hold NaN or infinity; check the "
+            "calibration batches and the model's output on them"
+        )
     return {n: sums[n] / (batches_seen * probes) for n in names if n in sums}
 
 

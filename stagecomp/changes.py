@@ -33,6 +33,11 @@ class LayerChange:
     factors: str | None = None
     """How the factors were fitted: ``"weight"`` (weight-only), or the data-aware variant
     (``"whiten"``, ``"output"``, ``"gradient"``); ``None`` when the layer was skipped."""
+    refined_error_before: float | None = None
+    refined_error_after: float | None = None
+    """Local distillation (``Calibration(refine=...)``): the relative output error on the
+    calibration data of the layer (or of the block it was trained in) against what the
+    replaced layer computed, before and after the training; ``None`` without it."""
 
     def to_dict(self) -> dict[str, Any]:
         data = dict(self.__dict__)

@@ -285,7 +285,7 @@ def _compress(args: argparse.Namespace) -> int:
     print(report)
     print(f"compression took {seconds:.1f} s (no fine-tuning)")
     classes = "" if args.num_classes is None else f", num_classes={args.num_classes}"
-    print(f"saved to {folder}/ (stagecomp.json, model.safetensors, report.txt)")
+    print(f"saved to {folder}/ (stagecomp.json, stagecomp.safetensors, report.txt)")
     print(
         "load it with: stagecomp.load(torchvision.models.get_model("
         f"{args.model!r}, weights=None{classes}), {str(folder)!r})"

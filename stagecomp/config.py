@@ -18,6 +18,7 @@ import torch
 
 from stagecomp.calibration import Forward, MaskFn, OutputFn
 from stagecomp.data_aware import VARIANTS, check_variant
+from stagecomp.distillation import LocalDistillation
 from stagecomp.errors import StagecompError
 from stagecomp.latency_aware import LatencyAware
 from stagecomp.options import DecomposeOptions
@@ -67,6 +68,9 @@ class Calibration:
             all. Default: a dict batch's ``attention_mask`` (batch x tokens, 0 at
             padding), so padding never counts; pass e.g. ``lambda b: b["mask"].T`` for
             tokens-first activations.
+        refine: After each step swaps its new layers in, train them briefly to reproduce
+            the layers they replaced on these batches (``stagecomp.LocalDistillation``);
+            ``None``: no training. Works with ``factors=None`` too.
     """
 
     batches: Iterable[Any] = field(repr=False, compare=False)
@@ -76,6 +80,7 @@ class Calibration:
     correct_drift: bool = False
     blocks: str | None = None
     mask: MaskFn | None = field(default=None, repr=False, compare=False)
+    refine: LocalDistillation | None = None
 
     def __post_init__(self) -> None:
         batches = self.batches
@@ -110,6 +115,11 @@ class Calibration:
             raise StagecompError(
                 f"Calibration correct_drift={self.correct_drift!r} is not allowed; "
                 "expected True or False"
+            )
+        if self.refine is not None and not isinstance(self.refine, LocalDistillation):
+            raise StagecompError(
+                f"Calibration refine={type(self.refine).__name__} is not allowed; expected "
+                "stagecomp.LocalDistillation(...) or None"
             )
         if self.correct_drift and not self.variants():
             raise StagecompError(
@@ -149,6 +159,7 @@ class Calibration:
             "correct_drift": self.correct_drift,
             "blocks": self.blocks,
             "mask": None if self.mask is None else _CUSTOM,
+            "refine": None if self.refine is None else self.refine.to_dict(),
         }
 
     @classmethod
@@ -176,6 +187,9 @@ class Calibration:
             correct_drift=bool(data.get("correct_drift", False)),
             blocks=data.get("blocks"),
             mask=mask,
+            refine=None
+            if data.get("refine") is None
+            else LocalDistillation.from_dict(data["refine"]),
         )
 
 
@@ -192,5 +206,6 @@ __all__ = [
     "DecomposeOptions",
     "FactorsSetting",
     "LatencyAware",
+    "LocalDistillation",
     "latency_from_dict",
 ]

@@ -92,6 +92,9 @@ def format_run_report(
                 f"{ch.factors or '-':<8} {ranks:<14} "
                 f"{params:>17} {macs:>17} {err:>7}"
             )
+            if ch.refined_error_before is not None and ch.refined_error_after is not None:
+                row += f"  (distilled: out.err {ch.refined_error_before:.3g} -> "
+                row += f"{ch.refined_error_after:.3g})"
             if (
                 ch.skipped is None
                 and ch.macs_before is not None

@@ -251,7 +251,7 @@ def test_a_closed_pipe_still_saves_and_exits_zero(tmp_path: Path) -> None:
         timeout=300,
     )
     assert "Broken pipe" not in done.stderr
-    assert (out / "model.safetensors").exists() and (out / "stagecomp.json").exists()
+    assert (out / "stagecomp.safetensors").exists() and (out / "stagecomp.json").exists()
 
 
 def test_unexpected_errors_are_one_line_unless_debug(

@@ -143,7 +143,8 @@ def test_steps_never_span_two_blocks_and_auto_finds_the_layers() -> None:
         calibration=sc.Calibration(_batches(1), blocks="auto"),
     )
     sizes = [len(step) for step in compressor.plan.steps]
-    assert sizes == [5, 2, 5, 2, 5, 2, 1]  # the last step: lm_head, outside every block
+    assert sizes == [5, 2, 5, 2, 5, 2]
+    assert "output embedding head" in compressor.plan.skipped["lm_head"]  # unless named
     blocks = [
         {t.name.split(".")[2] for _, t in step if t.name != "lm_head"}
         for step in compressor.plan.steps
@@ -158,6 +159,7 @@ def test_layers_outside_the_blocks_are_calibrated_on_the_whole_model() -> None:
         compressor = sc.Compressor(
             model,
             sc.Reduction(2.0),
+            methods={"lm_head": "svd"},  # named: the output head is compressed too
             layers_per_step=7,  # steps: block 0, block 1, lm_head on both paths
             progress=False,
             calibration=sc.Calibration(batches, factors="gradient", blocks=blocks),
@@ -270,7 +272,7 @@ def _bert() -> nn.Module:
         num_hidden_layers=2,
         num_attention_heads=2,
         intermediate_size=32,
-        max_position_embeddings=32,
+        max_position_embeddings=40,  # not 32: an intermediate layer would look like an embedding
     )
     return transformers.BertModel(config).eval()  # its pooler does not feed last_hidden_state
 
@@ -344,3 +346,30 @@ def _compress_gapped() -> None:
         calibration=sc.Calibration([torch.randn(4, 8)], blocks="layers.*"),
     )
     compressor.compression_step()
+
+
+def test_block_path_moves_on_through_refined_blocks() -> None:
+    """Local distillation changes a block after its step; the next block's cached
+    inputs must come from the refined block, as on the unbounded path."""
+    batches = _batches(2)
+    refine = sc.LocalDistillation(steps=3, lr=1e-2)
+    models = {}
+    for label, blocks, refined in (
+        ("plain", None, None),
+        ("unbounded", None, refine),
+        ("bounded", BLOCKS, refine),
+    ):
+        model = _llama(2)
+        compressor = sc.Compressor(
+            model,
+            sc.Reduction(2.0),
+            exclude=["lm_head"],
+            layers_per_step=7,
+            progress=False,
+            calibration=sc.Calibration(batches, factors="whiten", blocks=blocks, refine=refined),
+        )
+        while not compressor.done:
+            compressor.compression_step()
+        models[label] = model
+    assert _largest_difference(models["plain"], models["unbounded"]) > 1e-4  # refine acted
+    assert _largest_difference(models["unbounded"], models["bounded"]) < 1e-9

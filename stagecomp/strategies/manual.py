@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import operator
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from stagecomp.layer_shape import LayerShape
@@ -65,11 +63,9 @@ class Manual:
         """The ranks of the last stage: one integer caps every rank at the layer's full
         rank (so ``Manual(rank=64)`` also serves layers with fewer channels); a tuple is
         taken exactly."""
-        rank = self.rank
-        whole = not isinstance(rank, (Sequence, bool)) and hasattr(rank, "__index__")
-        if whole and operator.index(rank) >= 1:  # type: ignore[arg-type]
-            rank = min(operator.index(rank), max(cls.full_rank(shape, options)))  # type: ignore[arg-type]
-        return cls.normalize_rank(shape, rank, options, name)  # type: ignore[arg-type]
+        if self.rank is None:
+            raise ValueError(f"layer {name!r} has no manual rank")
+        return cls.normalize_rank(shape, cls.cap_rank(shape, self.rank, options), options, name)
 
     def to_dict(self) -> dict[str, object]:
         rank = list(self.rank) if isinstance(self.rank, (tuple, list)) else self.rank

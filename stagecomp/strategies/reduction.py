@@ -58,15 +58,15 @@ def ranks_for_reduction(
     full = cls.full_rank(shape, options)
     budget = shape.dense_params / rate
     lo, hi = 1, max(full)
-    if cls.param_count(shape, rank_at_step(full, lo), options) > budget:
-        return rank_at_step(full, lo)
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if cls.param_count(shape, rank_at_step(full, mid), options) <= budget:
-            lo = mid
-        else:
-            hi = mid - 1
-    return rank_at_step(full, lo)
+    if cls.param_count(shape, rank_at_step(full, lo), options) <= budget:
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if cls.param_count(shape, rank_at_step(full, mid), options) <= budget:
+                lo = mid
+            else:
+                hi = mid - 1
+    # The layer's own rules last (HT lowers ranks its tree cannot hold; others keep them).
+    return cls.normalize_rank(shape, rank_at_step(full, lo), options, name)
 
 
 @dataclass(frozen=True)
