@@ -6,11 +6,12 @@ Two parts, each row in a fresh subprocess (its peak memory is its own: VmHWM fro
 ``--part quality``: a small Llama-like model (``transformers.LlamaConfig`` /
 ``LlamaForCausalLM`` from config, random init, nothing downloaded), byte-level tokens,
 trained here on the docstrings of the Python standard library (a fixed list of modules,
-walked with ``inspect.getdoc``; about 1.6 MB of text) with a fixed held-out split
-(every 10th document). Training takes about 5 minutes on one thread; the weights are
-cached under ``benchmarks/.cache/`` keyed by the settings, so reruns skip it. Then the
-Linear layers of the decoder blocks (not the embedding or the LM head) get 1.5x, 2x, 3x
-and 4x fewer parameters in total, by
+walked with ``inspect.getdoc``; about 0.75 MB of text on Python 3.12) with a fixed
+held-out split (every 10th document). Training takes about 5 minutes on one thread; the
+weights are cached under ``benchmarks/.cache/`` keyed by the settings and the text, so
+reruns skip it. The default run (this part, training included) takes about 10 minutes on
+one thread. Then the Linear layers of the decoder blocks (not the embedding or the LM
+head) get 1.5x, 2x, 3x and 4x fewer parameters in total, by
 
 - ``weight SVD``: one uniform reduction, factors from the weights alone;
 - ``whiten``: the same uniform ranks, whitened SVD (SVD-LLM) from calibration data;
@@ -29,13 +30,21 @@ on 8 batches of 2 x 128 random tokens; each case reports wall time and peak memo
 above the loaded model, for the unbounded path (every statistic of every layer alive at
 once) and the sequential one (``Calibration(blocks=...)``, ``allocate_ranks(blocks=...)``).
 
-Run: ``python benchmarks/bench_lm.py [--part quality|memory|all] [--threads 1] [--quick]``
+Peak memory is resident memory (RSS, Linux only), not tracemalloc: torch's tensors are
+allocated outside Python's allocator. The first line printed says the command, the date and
+the load average (the machine may be shared: CPU seconds are steadier than wall seconds).
+
+Run: ``python benchmarks/bench_lm.py [--part quality|memory|all] [--threads 1]
+[--cases CASE ...] [--rates 1.5 2 ...]``
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
+import shlex
 import subprocess
 import sys
 import time
@@ -57,6 +66,11 @@ BIG = {
     "tie_word_embeddings": False,
     "use_cache": False,
 }
+SIZES = {  # --size: the 97M model, or smaller ones of the same shape family
+    "97m": BIG,
+    "25m": {**BIG, "hidden_size": 384, "intermediate_size": 1024, "num_attention_heads": 6,
+            "num_key_value_heads": 6, "num_hidden_layers": 12},
+}  # fmt: skip
 BLOCKS = "model.layers.*"
 
 
@@ -73,12 +87,12 @@ def _status(key: str) -> float:
     raise RuntimeError(f"{key} not in /proc/self/status")
 
 
-def _big_model() -> Any:
+def _big_model(size: str = "97m") -> Any:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(**BIG)).eval()
+    return LlamaForCausalLM(LlamaConfig(**SIZES[size])).eval()
 
 
 def _block_linears(model: Any) -> list[str]:
@@ -89,13 +103,13 @@ def _block_linears(model: Any) -> list[str]:
     ]
 
 
-def memory_case(case: str, threads: int) -> dict[str, Any]:
+def memory_case(case: str, threads: int, size: str = "97m") -> dict[str, Any]:
     import torch
 
     import stagecomp as sc
 
     torch.set_num_threads(threads)
-    model = _big_model()
+    model = _big_model(size)
     g = torch.Generator().manual_seed(1)
     batches = [{"input_ids": torch.randint(0, BIG["vocab_size"], (2, 128), generator=g)}]
     batches += [
@@ -166,7 +180,7 @@ MEMORY_CASES = [
 def _print_memory(row: dict[str, Any]) -> None:
     print(
         f"{row['case']:<34} {row['steps']:>5} {row['cpu_s']:>8.1f} {row['seconds']:>8.1f} "
-        f"{row['extra_mb']:>9.0f} {row['x_model']:>7.2f}",
+        f"{row['extra_mb']:>9.0f} {row['x_model']:>7.2f} {_load():>5}",
         flush=True,
     )
 
@@ -408,12 +422,17 @@ def _print_quality(row: dict[str, Any]) -> None:
     print(
         f"{row['setting']:<12} {row['rate']:>5.1f}x {row['params_x']:>7.2f}x "
         f"{row['perplexity']:>10.3f} {row['cpu_s']:>7.1f} {row['seconds']:>7.1f} "
-        f"{row['extra_mb']:>8.0f}",
+        f"{row['extra_mb']:>8.0f} {_load():>5}",
         flush=True,
     )
 
 
 # ---------------------------------------------------------------------- driver
+def _load() -> str:
+    """The one-minute load average now (the machine may be shared)."""
+    return f"{os.getloadavg()[0]:.1f}"
+
+
 def _run_row(part: str, spec: dict[str, Any], threads: int) -> dict[str, Any] | None:
     command = [
         sys.executable,
@@ -432,19 +451,24 @@ def _run_row(part: str, spec: dict[str, Any], threads: int) -> dict[str, Any] | 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["quality", "memory", "all"], default="all")
+    parser.add_argument("--part", choices=["quality", "memory", "all"], default="quality")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cases", nargs="*", default=None, help="memory cases to run")
+    parser.add_argument("--size", choices=sorted(SIZES), default="97m", help="memory part")
     parser.add_argument("--rates", nargs="*", type=float, default=list(RATES))
     parser.add_argument("--row", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.row is not None:
         spec = json.loads(args.row)
         if spec.pop("part") == "memory":
-            print(json.dumps(memory_case(spec["case"], args.threads)))
+            print(json.dumps(memory_case(spec["case"], args.threads, spec.get("size", "97m"))))
         else:
             print(json.dumps(quality_row(spec["setting"], spec["rate"], args.threads)))
         return
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    command = shlex.join(["python", "benchmarks/bench_lm.py", *sys.argv[1:]])
+    print(f"# {command}   ({now}, {os.cpu_count()} CPUs, load average {load} at the start)")
     if args.part in ("quality", "all"):
         model, info = trained_model(args.threads)
         trained = "cached" if info["trained_s"] is None else f"{info['trained_s']:.0f} s"
@@ -455,7 +479,7 @@ def main() -> None:
             f"{EVALUATION['windows']} x {TRAIN['length']} bytes; {args.threads} thread(s)"
         )
         header = f"{'setting':<12} {'target':>6} {'params x':>8} {'perplexity':>10}"
-        print(f"{header} {'CPU s':>7} {'wall s':>7} {'peak MB':>8}")
+        print(f"{header} {'CPU s':>7} {'wall s':>7} {'peak MB':>8} {'load':>5}")
         dense = _run_row("quality", {"setting": "dense", "rate": 1.0}, args.threads)
         if dense is not None:
             _print_quality(dense)
@@ -465,20 +489,25 @@ def main() -> None:
                 if row is not None:
                     _print_quality(row)
     if args.part in ("memory", "all"):
-        model = _big_model()
+        model = _big_model(args.size)
         params = sum(p.numel() for p in model.parameters())
+        blocks = len(model.model.layers)
         del model
         print(
-            f"memory: Llama-like, {params / 1e6:.1f}M parameters (random weights), 84 block "
-            f"Linear layers at 2x, 8 batches of 2 x 128 tokens, {args.threads} thread(s)"
+            f"memory: Llama-like, {params / 1e6:.1f}M parameters (random weights), "
+            f"{7 * blocks} block Linear layers at 2x, 8 batches of 2 x 128 tokens, "
+            f"{args.threads} thread(s)"
         )
         print(
-            f"{'case':<34} {'steps':>5} {'CPU s':>8} {'wall s':>8} {'extra MB':>9} {'x model':>7}"
+            f"{'case':<34} {'steps':>5} {'CPU s':>8} {'wall s':>8} {'extra MB':>9} {'x model':>7} "
+            f"{'load':>5}"
         )
         for case in args.cases or MEMORY_CASES:
-            row = _run_row("memory", {"case": case}, args.threads)
+            row = _run_row("memory", {"case": case, "size": args.size}, args.threads)
             if row is not None:
                 _print_memory(row)
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"# load average at the end: {load}")
 
 
 if __name__ == "__main__":
