@@ -64,6 +64,10 @@ LARGEST = 150_000_000  # parameters: above, a float64 copy and its SVDs take min
 def _zoo_model(name: str) -> tuple[nn.Module, torch.Tensor]:
     torch.manual_seed(0)
     model = torchvision.models.get_model(name, weights=None, num_classes=10).eval()
+    with torch.no_grad():  # ViT's head starts at zero: its output would say nothing
+        for param in model.parameters():
+            if param.ndim >= 2 and not param.any():
+                param.normal_(0.0, 0.02)
     size = 224 if name.startswith("vit_") else SIZES.get(name, 64)
     return model, torch.randn(1, 3, size, size)
 
