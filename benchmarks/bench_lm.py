@@ -29,6 +29,8 @@ shapes (the factors are meaningless). 84 block layers, 2x fewer parameters, cali
 on 8 batches of 2 x 128 random tokens; each case reports wall time and peak memory
 above the loaded model, for the unbounded path (every statistic of every layer alive at
 once) and the sequential one (``Calibration(blocks=...)``, ``allocate_ranks(blocks=...)``).
+``--size 25m`` runs the same cases on a smaller model of the same family (hidden 384).
+``benchmarks/profile_lm_phases.py`` splits one step of the block path into its phases.
 
 Peak memory is resident memory (RSS, Linux only), not tracemalloc: torch's tensors are
 allocated outside Python's allocator. The first line printed says the command, the date and
