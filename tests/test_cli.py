@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -276,3 +278,29 @@ def test_python_dash_m_entry_point(tmp_path: Path) -> None:
     )
     assert done.returncode == 1
     assert_one_line_error(done.returncode, done.stderr, "stagecomp.json")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_compress_output_follows_the_umask(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, umask: int
+) -> None:
+    out = tmp_path / "made" / "sq"
+    argv = ["compress", MODEL, "--strategy", "reduction", "--quiet", "--input-size", "32"]
+    previous = os.umask(umask)
+    try:
+        code, _, err = run([*argv, "--out", str(out)], capsys)
+    finally:
+        os.umask(previous)
+    assert code == 0, err
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    expected = 0o666 & ~umask
+    assert modes == {
+        "stagecomp.json": expected,
+        "stagecomp.safetensors": expected,
+        "report.txt": expected,
+    }
+    assert (
+        stat.S_IMODE(out.stat().st_mode)
+        == stat.S_IMODE(out.parent.stat().st_mode)
+        == 0o777 & ~umask
+    )

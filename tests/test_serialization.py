@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -125,3 +127,20 @@ def test_weights_file_holds_no_pickle(tmp_path: Path) -> None:
     header_len = int.from_bytes((tmp_path / WEIGHTS_FILE).read_bytes()[:8], "little")
     header = json.loads((tmp_path / WEIGHTS_FILE).read_bytes()[8 : 8 + header_len])
     assert "3.core.weight" in header or any(k.startswith("3.") for k in header)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_saved_files_follow_the_umask(tmp_path: Path, umask: int) -> None:
+    """Both files and the folders a save creates get the modes plain open()/mkdir give."""
+    previous = os.umask(umask)
+    try:
+        folder = sc.save(compressed(), tmp_path / "new" / "save")
+    finally:
+        os.umask(previous)
+    modes = {
+        name: stat.S_IMODE((folder / name).stat().st_mode) for name in (RECIPE_FILE, WEIGHTS_FILE)
+    }
+    assert modes == {RECIPE_FILE: 0o666 & ~umask, WEIGHTS_FILE: 0o666 & ~umask}
+    for created in (folder, folder.parent):
+        assert stat.S_IMODE(created.stat().st_mode) == 0o777 & ~umask
+    assert sorted(p.name for p in folder.iterdir()) == sorted(modes)  # no temporaries left
