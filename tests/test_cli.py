@@ -198,6 +198,17 @@ def test_weights_that_do_not_fit_or_pickle_code(
     argv = ["compress", MODEL, "--strategy", "reduction", "--quiet", "--out", str(tmp_path / "o")]
     code, _, err = run([*argv, "--weights", str(file)], capsys)
     assert_one_line_error(code, err, "classifier.1.weight", "--num-classes")
+    other = tmp_path / "other.safetensors"  # another architecture, as resnet18 -> resnet34
+    save_file(torchvision.models.get_model("squeezenet1_0", weights=None).state_dict(), other)
+    code, _, err = run([*argv, "--weights", str(other)], capsys)
+    assert_one_line_error(
+        code,
+        err,
+        "12 key(s) of the model missing from the file: 'features.6.squeeze.weight'",
+        "12 key(s) the model does not have: 'features.5.expand1x1.bias'",
+        "10 shape mismatch(es), file vs model: 'features.0.weight' (96, 3, 7, 7) vs (64, 3, 3, 3)",
+    )
+    assert not err.rstrip().endswith("...")  # nothing cut off
     code, _, err = run(
         [*argv, "--weights", str(file), "--num-classes", "10", "--input-size", "32"], capsys
     )
