@@ -16,7 +16,7 @@ the model with ``stagecomp.save``, so ``--resume`` continues an interrupted run.
 
 Run:
     python examples/finetune_imagefolder.py ~/data/cifar10 --dataset cifar10 \\
-        --model resnet18 --weights resnet18_cifar.pt --num-classes 10 --strategy vbmf \\
+        --model resnet18 --weights resnet18_cifar.pt --strategy vbmf \\
         --stages 2 --layers-per-step 4 --epochs-per-step 1 --out runs/r18
     python examples/finetune_imagefolder.py ~/data/imagenette2 --model resnet50 \\
         --weights resnet50.pt --strategy reduction --rate 2 --out runs/r50

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import re
+import shlex
 import stat
 import subprocess
 import sys
@@ -234,6 +237,9 @@ def test_out_is_checked_before_compressing(
     (saved / "stagecomp.json").write_text("{}")
     code, _, err = run(["compress", MODEL, "--strategy", "reduction", "--out", str(saved)], capsys)
     assert_one_line_error(code, err, "--force")
+    monkeypatch.setattr(cli, "run_demo", never)
+    code, _, err = run(["demo", "--out", str(file)], capsys)
+    assert_one_line_error(code, err, "existing file")
 
 
 def test_exclude_takes_one_name_per_flag_or_commas(
@@ -319,3 +325,37 @@ def test_compress_output_follows_the_umask(
         == stat.S_IMODE(out.parent.stat().st_mode)
         == 0o777 & ~umask
     )
+
+
+def _documented_commands() -> list[str]:
+    """Every ``stagecomp demo|compress|report ...`` command of --help, the README and docs."""
+    root = Path(__file__).resolve().parent.parent
+    commands = [
+        line.strip() for line in cli._EPILOG.splitlines() if line.strip().startswith("stagecomp ")
+    ]
+    for page in [root / "README.md", *sorted((root / "docs").rglob("*.md"))]:
+        text = page.read_text()
+        commands += re.findall(r"^stagecomp (?:demo|compress|report)\b.*$", text, re.MULTILINE)
+        commands += [
+            " ".join(span.split())
+            for span in re.findall(r"`(stagecomp (?:demo|compress|report)\b[^`]*)`", text)
+        ]
+    return commands
+
+
+def test_every_documented_command_parses() -> None:
+    """A command in the docs that the parser refuses (e.g. --exclude a b MODEL) is drift."""
+    commands = _documented_commands()
+    assert len(commands) > 10
+    parser = cli.build_parser()
+    for command in commands:
+        words = shlex.split(command)[1:]
+        if len(words) < 2 or words[-1] == "--out" or words[-1] in ("MODEL", "DIR"):
+            continue  # a mention (`stagecomp demo --out`) or a synopsis (`stagecomp report DIR`)
+        try:
+            args = parser.parse_args(words)
+        except (SystemExit, argparse.ArgumentError):
+            pytest.fail(f"documented command does not parse: {command}")
+        if args.command == "compress" and args.strategy == "vbmf":
+            # VBMF finds nothing in random weights: an example without --weights does nothing.
+            assert args.weights is not None, command

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -109,6 +110,17 @@ def test_finetune_imagefolder_quick_runs_resumes_and_reloads(tmp_path: Path) -> 
     assert resumed["history"] == result["history"]
     assert resumed["params_after"] == result["params_after"]
     assert resumed["reload_identical"] is True
+
+
+def test_finetune_imagefolder_documented_commands_parse() -> None:
+    """The commands in its docstring and docs/examples.md are ones its parser accepts."""
+    module = example("finetune_imagefolder")
+    pages = [module.__doc__ or "", (EXAMPLES.parent / "docs" / "examples.md").read_text()]
+    text = "\n".join(pages).replace("\\\n", " ")
+    commands = re.findall(r"python examples/finetune_imagefolder\.py([^\n#]*)", text)
+    assert len(commands) >= 4
+    for command in commands:
+        module.parse(shlex.split(command))  # SystemExit on an unknown option
 
 
 def test_finetune_imagefolder_workers_fit_the_machine() -> None:
