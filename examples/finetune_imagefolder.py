@@ -243,6 +243,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model = torchvision.models.get_model(args.model, weights=None, num_classes=classes)
     if args.weights:
         model.load_state_dict(load_weights_file(args.weights))
+    elif args.strategy == "vbmf" and args.pretrain_epochs == 0 and not args.resume:
+        print(
+            "note: VBMF keeps every layer of a randomly initialised model (it finds structure "
+            "in trained weights only): pass --weights or --pretrain-epochs, or use "
+            "--strategy reduction"
+        )
     model.to(device).eval()
     example = torch.randn(1, 3, size, size, device=device)
     params_before = sum(p.numel() for p in model.parameters())

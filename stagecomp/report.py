@@ -335,7 +335,7 @@ def format_saved_table(
 
 
 def _totals(before: int, after: int) -> str:
-    return f"{format_count(before)} -> {format_count(after)} ({format_ratio(before, after)} fewer)"
+    return f"{format_count(before)} -> {format_count(after)} ({format_change(before, after)})"
 
 
 __all__ = [

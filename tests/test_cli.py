@@ -166,6 +166,18 @@ def test_report_of_a_plain_save_has_no_model_totals(
     assert "whole model" not in report
 
 
+def test_report_of_a_grown_layer_says_more_not_fewer(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    model = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, bias=False))
+    model[0] = sc.decompose(model[0], "tucker2", (8, 8))  # full rank: 576 -> 704 params
+    sc.save(model, tmp_path)
+    code, report, _ = run(["report", str(tmp_path)], capsys)
+    assert code == 0
+    assert "decomposed layers: params 576 -> 704 (1.22x more)" in report, report
+    assert "fewer" not in report
+
+
 def test_report_errors_are_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     code, _, err = run(["report", str(tmp_path / "missing")], capsys)
     assert_one_line_error(code, err, "stagecomp.json")
