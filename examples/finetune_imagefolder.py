@@ -16,16 +16,26 @@ the model with ``stagecomp.save``, so ``--resume`` continues an interrupted run.
 
 Run:
     python examples/finetune_imagefolder.py ~/data/cifar10 --dataset cifar10 \\
-        --model resnet18 --weights resnet18_cifar.pt --num-classes 10 --strategy vbmf \\
+        --model resnet18 --weights resnet18_cifar.pt --strategy vbmf \\
         --stages 2 --layers-per-step 4 --epochs-per-step 1 --out runs/r18
     python examples/finetune_imagefolder.py ~/data/imagenette2 --model resnet50 \\
         --weights resnet50.pt --strategy reduction --rate 2 --out runs/r50
+    python examples/finetune_imagefolder.py --quick   # a few seconds, on generated images
+
+``--quick`` writes a tiny ImageFolder of random 32x32 images (two classes) to a temporary
+folder and runs the whole loop on it (squeezenet1_1, reduction 2x, two steps, one short
+epoch each), then reloads the saved model: it shows the plumbing, not accuracy.
+VBMF, the default strategy, looks for structure that trained weights have: on random
+weights it finds none and replaces nothing, so train first (``--weights`` or
+``--pretrain-epochs``) or use ``--strategy reduction``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,6 +53,27 @@ import stagecomp as sc
 from stagecomp.zoo import load_weights_file
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def available_cores() -> int:
+    """Cores this process may run on (what DataLoader compares its workers with)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def write_random_imagefolder(root: Path, classes: int = 2, train: int = 8, val: int = 4) -> Path:
+    """``root/train/<class>/*.png`` and ``root/val/<class>/*.png``: random 32x32 images."""
+    generator = torch.Generator().manual_seed(0)
+    for split, count in (("train", train), ("val", val)):
+        for label in range(classes):
+            folder = root / split / f"class{label}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for index in range(count):
+                pixels = torch.randint(0, 256, (3, 32, 32), generator=generator, dtype=torch.uint8)
+                transforms.functional.to_pil_image(pixels).save(folder / f"{index}.png")
+    return root
 
 
 def resolve_kind(root: Path, kind: str) -> str:
@@ -137,7 +168,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         description=__doc__.splitlines()[0],
         epilog="CIFAR-10 (cifar-10-batches-py) or an ImageFolder with train/ and val/.",
     )
-    parser.add_argument("data", type=Path, help="CIFAR-10 root or an ImageFolder root")
+    parser.add_argument(
+        "data", type=Path, nargs="?", help="CIFAR-10 root or an ImageFolder root (not with --quick)"
+    )
     parser.add_argument("--dataset", choices=["auto", "cifar10", "imagefolder"], default="auto")
     parser.add_argument("--model", default="resnet18", help="torchvision classifier name")
     parser.add_argument("--weights", help="state dict to start from (.safetensors or .pt)")
@@ -147,22 +180,56 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--weakening", type=float, default=0.6, help="vbmf: 0 (none) .. 1")
     parser.add_argument("--stages", type=int, default=2)
     parser.add_argument("--layers-per-step", type=int, default=4)
-    parser.add_argument("--exclude", nargs="*", default=[], help="layer names or patterns")
+    parser.add_argument(
+        "--exclude",
+        action="extend",
+        type=lambda text: [name for name in text.split(",") if name],
+        default=[],
+        help="layer names or patterns, one per flag or separated by commas (conv1,fc)",
+    )
     parser.add_argument("--pretrain-epochs", type=int, default=0, help="train before compressing")
     parser.add_argument("--epochs-per-step", type=int, default=1, help="fine-tuning per step")
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=min(4, available_cores()),
+        help="data loader processes (default: up to 4, no more than the cores available)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=Path("stagecomp_run"))
     parser.add_argument(
         "--resume", action="store_true", help="continue the run saved in --out (its settings)"
     )
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a few seconds on generated random images: squeezenet1_1 at 32 px, reduction 2x",
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        if args.data is not None:
+            parser.error("--quick generates its own images; give no data folder")
+        args.dataset, args.image_size, args.model = "imagefolder", 32, "squeezenet1_1"
+        args.strategy, args.rate, args.stages, args.layers_per_step = "reduction", 2.0, 1, 13
+        args.batch_size, args.workers, args.device = 8, 0, "cpu"
+    elif args.data is None:
+        parser.error("the data folder is required (or pass --quick)")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse(argv)
+    if not args.quick:
+        return run(args)
+    with tempfile.TemporaryDirectory() as folder:
+        args.data = write_random_imagefolder(Path(folder))
+        torch.set_num_threads(1)  # a tiny run: one thread is fastest, and deterministic
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
     kind = resolve_kind(args.data, args.dataset)
     size = args.image_size or (32 if kind == "cifar10" else 224)
@@ -176,8 +243,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     model = torchvision.models.get_model(args.model, weights=None, num_classes=classes)
     if args.weights:
         model.load_state_dict(load_weights_file(args.weights))
+    elif args.strategy == "vbmf" and args.pretrain_epochs == 0 and not args.resume:
+        print(
+            "note: VBMF keeps every layer of a randomly initialised model (it finds structure "
+            "in trained weights only): pass --weights or --pretrain-epochs, or use "
+            "--strategy reduction"
+        )
     model.to(device).eval()
     example = torch.randn(1, 3, size, size, device=device)
+    params_before = sum(p.numel() for p in model.parameters())
     strategy = (
         sc.VBMF(weakening=args.weakening)
         if args.strategy == "vbmf"
@@ -230,7 +304,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         (args.out / "history.json").write_text(json.dumps(history, indent=1))
     print(compressor.report())
     (args.out / "report.txt").write_text(compressor.report() + "\n")
-    return {"history": history, "out": str(args.out)}
+    # The saved folder is all a user needs: rebuild the original and load it.
+    fresh = torchvision.models.get_model(args.model, weights=None, num_classes=classes)
+    reloaded = sc.load(fresh.to(device), args.out).eval()
+    with torch.no_grad():
+        reload_identical = torch.equal(reloaded(example), model.eval()(example))
+    print(f"reloaded from {args.out}: outputs identical: {reload_identical}")
+    return {
+        "history": history,
+        "out": str(args.out),
+        "params_before": params_before,
+        "params_after": sum(p.numel() for p in model.parameters()),
+        "decomposed_layers": sum(isinstance(m, sc.DecomposedLayer) for m in model.modules()),
+        "reload_identical": reload_identical,
+    }
 
 
 if __name__ == "__main__":

@@ -85,6 +85,8 @@ def _at_least_one(label: str, value: int | None) -> None:
 # ---------------------------------------------------------------------- demo
 def _demo(args: argparse.Namespace) -> int:
     _at_least_one("--threads", args.threads)
+    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise CLIError(f"--out {args.out!r} is an existing file; expected a folder")
     print(
         f"Training a CNN on scikit-learn's digits, then compressing it {args.rate:g}x "
         f"in {args.stages} stage(s), {args.layers_per_step} layer(s) per step, "
@@ -182,7 +184,7 @@ def _check_out(out: str, force: bool) -> None:
     """Refuse an --out that cannot take the result before any work is done."""
     folder = Path(out)
     if folder.exists() and not folder.is_dir():
-        raise CLIError(f"--out {out!r} is an existing file; expected a folder (new or empty)")
+        raise CLIError(f"--out {out!r} is an existing file; expected a folder")
     saved = [name for name in (RECIPE_FILE, WEIGHTS_FILE) if (folder / name).exists()]
     if saved and not force:
         raise CLIError(
@@ -303,10 +305,13 @@ def _report(args: argparse.Namespace) -> int:
 _EPILOG = """\
 examples:
   stagecomp demo --out demo_out
-  stagecomp compress resnet18 --strategy vbmf --out resnet18_vbmf
+  stagecomp compress resnet18 --strategy reduction --rate 2 --out resnet18_r2
   stagecomp compress resnet50 --strategy reduction --rate 3 --stages 2 --exclude fc --out r50
+  stagecomp compress resnet18 --weights my_resnet18.pt --strategy vbmf --out resnet18_vbmf
   stagecomp compress vgg16 --strategy manual --rank 64 --conv-method cp3 --out vgg16_cp3
-  stagecomp report resnet18_vbmf
+  stagecomp report resnet18_r2
+
+VBMF finds structure in trained weights only: without --weights it replaces nothing.
 
 Python: import stagecomp; help(stagecomp.Compressor)"""
 

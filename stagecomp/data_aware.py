@@ -81,7 +81,9 @@ def decompose_data_aware(
         rank: As for ``stagecomp.decompose``.
         statistics: This layer's ``LayerStatistics`` from ``collect_statistics``
             (with outputs for Tucker2).
-        variant: One of ``VARIANTS``.
+        variant: ``"whiten"`` (fit the layer's real inputs), ``"output"`` (also centre
+            its outputs) or ``"gradient"`` (also weight by the gradient moments in
+            ``statistics``); ``VARIANTS`` lists them.
         options: Decomposition options (kept on the new layer).
         name: The layer's name, for messages.
         damping: Relative ridge on the input moment before its square root.

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from torch import nn
@@ -129,7 +129,8 @@ def read_entry(name: str, entry: Any, actual: LayerShape | None = None) -> Recip
             raise ValueError(f"unknown keys {sorted(map(str, unknown))}")
         shape = LayerShape.from_dict(dict(entry["original"]))
         if actual is not None and actual != shape:
-            raise RecipeError(f"recipe layer {name!r} was {shape}, but the model has {actual}")
+            differences = _differences(shape, actual)
+            raise RecipeError(f"recipe layer {name!r} does not fit the model's: {differences}")
         method = entry["method"]
         if not isinstance(method, str):
             raise ValueError(f"method {method!r} is not a name")
@@ -148,6 +149,16 @@ def read_entry(name: str, entry: Any, actual: LayerShape | None = None) -> Recip
     except (StagecompError, Exception) as error:  # any damage: type, key, size, recursion
         text = " ".join(str(error).split()) or type(error).__name__
         raise RecipeError(f"recipe entry for layer {name!r} is invalid: {text}") from None
+
+
+def _differences(saved: LayerShape, actual: LayerShape) -> str:
+    """``"out_channels 27 in the recipe, 10 in the model"``: only the fields that differ."""
+    return ", ".join(
+        f"{field.name} {getattr(saved, field.name)!r} in the recipe, "
+        f"{getattr(actual, field.name)!r} in the model"
+        for field in fields(LayerShape)
+        if getattr(saved, field.name) != getattr(actual, field.name)
+    )
 
 
 def _structure(cls: type[DecomposedLayer], data: Any) -> dict[str, Any]:

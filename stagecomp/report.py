@@ -9,6 +9,7 @@ so this module sits below everything that prints.
 from __future__ import annotations
 
 import os
+import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -82,6 +83,7 @@ def format_run_report(
     for result in history:
         lines.append("")
         lines.append(header)
+        said: dict[str, str] = {}  # reason -> the first layer of this step given it
         for ch in result.changes:
             ranks = ",".join(str(r) for r in ch.ranks) if ch.ranks else "-"
             err = f"{ch.weight_error:.4f}" if ch.weight_error is not None else "-"
@@ -103,8 +105,19 @@ def format_run_report(
             ):
                 row += "  MACs up"
             lines.append(row.rstrip())
-            if ch.skipped:
-                lines.append(f"{'':>12}unchanged: {ch.skipped}")
+            if ch.skipped and ch.skipped in said:
+                lines.append(f"{'':>12}unchanged: as {said[ch.skipped]} above")
+            elif ch.skipped:
+                said[ch.skipped] = ch.name
+                lines.extend(
+                    textwrap.wrap(
+                        f"unchanged: {ch.skipped}",
+                        width=len(header),
+                        initial_indent=" " * 12,
+                        subsequent_indent=" " * 14,
+                        break_on_hyphens=False,
+                    )
+                )
             elif ch.latency_before is not None and ch.latency_after is not None:
                 lines.append(
                     f"{'':>12}latency {ch.latency_before * 1e3:.3g} -> "
@@ -322,7 +335,7 @@ def format_saved_table(
 
 
 def _totals(before: int, after: int) -> str:
-    return f"{format_count(before)} -> {format_count(after)} ({format_ratio(before, after)} fewer)"
+    return f"{format_count(before)} -> {format_count(after)} ({format_change(before, after)})"
 
 
 __all__ = [

@@ -9,6 +9,8 @@ A save is atomic: both files are written to temporaries in the folder, flushed t
 disk, then renamed over the old ones, the recipe last. The weights file also holds
 its recipe (in its safetensors metadata), so a save interrupted between the two
 renames still loads: the folder always holds the old save or the complete new one.
+Both files (and a folder the save creates) get the modes a plain ``open()`` and
+``mkdir`` would, from the user's umask.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import contextlib
 import json
 import logging
 import os
+import stat
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -134,6 +137,9 @@ def save(
             file.write(text)
             file.flush()
             os.fsync(file.fileno())
+        # safetensors creates its file owner-only (0600); give it the mode the plain
+        # open() above got from the user's umask, so both files are readable alike.
+        os.chmod(weights_tmp, stat.S_IMODE(recipe_tmp.stat().st_mode))
         os.replace(weights_tmp, folder / WEIGHTS_FILE)
         os.replace(recipe_tmp, folder / RECIPE_FILE)
         _sync(folder)

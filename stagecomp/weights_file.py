@@ -78,12 +78,63 @@ def clone_state(model: nn.Module) -> OrderedDict[str, torch.Tensor]:
     return copy
 
 
+def state_mismatch(
+    expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor], shown: int = 3
+) -> tuple[str, str | None] | None:
+    """What keeps ``given`` from loading strictly into a model whose state is ``expected``.
+
+    torch's own message lists every key and is cut short by any one-line display (a
+    resnet18 save loaded into resnet34 shows "...state_dict for ResNet:" and nothing
+    useful); this says how many keys are missing, unexpected or of another shape, with
+    the first ``shown`` of each in the model's order, so the cause fits on one line.
+
+    Returns:
+        ``None`` when every key is there with its shape; else ``(text, first key whose
+        shape differs or None)``, the key so a caller can add a hint (e.g. num_classes).
+    """
+    missing = [k for k in expected if k not in given]
+    unexpected = sorted(  # a file's keys may be sorted as text: features.11 before features.5
+        (k for k in given if k not in expected),
+        key=lambda key: [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in key.split(".")],
+    )
+    wrong = [
+        k for k in expected if k in given and tuple(given[k].shape) != tuple(expected[k].shape)
+    ]
+    if not (missing or unexpected or wrong):
+        return None
+
+    def first(keys: list[str]) -> str:
+        text = ", ".join(repr(k) for k in keys[:shown])
+        return text + (f" and {len(keys) - shown} more" if len(keys) > shown else "")
+
+    problems = []
+    if missing:
+        problems.append(
+            f"{len(missing)} key(s) of the model missing from the file: {first(missing)}"
+        )
+    if unexpected:
+        problems.append(f"{len(unexpected)} key(s) the model does not have: {first(unexpected)}")
+    if wrong:
+        shapes = [
+            f"{k!r} {tuple(given[k].shape)} vs {tuple(expected[k].shape)}" for k in wrong[:shown]
+        ]
+        more = f" and {len(wrong) - shown} more" if len(wrong) > shown else ""
+        problems.append(
+            f"{len(wrong)} shape mismatch(es), file vs model: {', '.join(shapes)}{more}"
+        )
+    return "; ".join(problems), (wrong[0] if wrong else None)
+
+
 def load_weights(model: nn.Module, file: Path, device: str, versions: Mapping[str, int]) -> None:
     """Load ``file`` into ``model`` strictly, with each module's saved state-dict version.
 
     Modules not in ``versions`` get their own class's version (the model was built by
     the same code). Tensors the file stores once for several names (shared storage, as
     safetensors saves them) are given to every name.
+
+    Raises:
+        RecipeError: keys are missing, unexpected or of another shape (the first few of
+            each named); the model is then untouched.
     """
     state: OrderedDict[str, torch.Tensor] = OrderedDict(load_file(str(file), device=device))
     expected = model.state_dict()
@@ -101,6 +152,12 @@ def load_weights(model: nn.Module, file: Path, device: str, versions: Mapping[st
     for name, version in versions.items():
         metadata[name] = {**metadata.get(name, {}), "version": version}
     state._metadata = metadata  # type: ignore[attr-defined]
+    mismatch = state_mismatch(expected, state)
+    if mismatch is not None:
+        raise RecipeError(
+            f"{file} does not fit the model (was it saved from another architecture?): "
+            f"{mismatch[0]}"
+        )
     model.load_state_dict(state, strict=True)
 
 
@@ -112,5 +169,6 @@ __all__ = [
     "load_weights",
     "module_versions",
     "quantized_layers",
+    "state_mismatch",
     "weights_path",
 ]

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from stagecomp.errors import RecipeError, UnknownModelError
+from stagecomp.weights_file import state_mismatch
 
 
 def classification_models() -> list[str]:
@@ -100,27 +101,15 @@ def load_into(model: nn.Module, state: dict[str, Any], file: str, name: str) -> 
     """Load ``state`` (read from ``file``) into ``model`` (called ``name`` in messages), or
     raise one error that says which keys or shapes do not fit."""
     own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    problems = []
-    if missing:
-        problems.append(f"missing {len(missing)} key(s) such as {missing[0]!r}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected key(s) such as {unexpected[0]!r}")
-    if wrong:
-        key = wrong[0]
+    mismatch = state_mismatch(own, state)
+    if mismatch is not None:
+        text, wrong = mismatch
         hint = (
             " (try num_classes: --num-classes on the command line)"
-            if key.endswith(".weight") and key == _last_weight(own)
+            if wrong is not None and wrong.endswith(".weight") and wrong == _last_weight(own)
             else ""
         )
-        problems.append(
-            f"{key!r} has shape {tuple(state[key].shape)} but {name} has "
-            f"{tuple(own[key].shape)}{hint}"
-        )
-    if problems:
-        raise RecipeError(f"weights file {file} does not fit {name}: {'; '.join(problems)}")
+        raise RecipeError(f"weights file {file} does not fit {name}: {text}{hint}")
     model.load_state_dict(state)
 
 

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
+import re
+import shlex
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -161,6 +166,18 @@ def test_report_of_a_plain_save_has_no_model_totals(
     assert "whole model" not in report
 
 
+def test_report_of_a_grown_layer_says_more_not_fewer(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    model = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, bias=False))
+    model[0] = sc.decompose(model[0], "tucker2", (8, 8))  # full rank: 576 -> 704 params
+    sc.save(model, tmp_path)
+    code, report, _ = run(["report", str(tmp_path)], capsys)
+    assert code == 0
+    assert "decomposed layers: params 576 -> 704 (1.22x more)" in report, report
+    assert "fewer" not in report
+
+
 def test_report_errors_are_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     code, _, err = run(["report", str(tmp_path / "missing")], capsys)
     assert_one_line_error(code, err, "stagecomp.json")
@@ -196,6 +213,17 @@ def test_weights_that_do_not_fit_or_pickle_code(
     argv = ["compress", MODEL, "--strategy", "reduction", "--quiet", "--out", str(tmp_path / "o")]
     code, _, err = run([*argv, "--weights", str(file)], capsys)
     assert_one_line_error(code, err, "classifier.1.weight", "--num-classes")
+    other = tmp_path / "other.safetensors"  # another architecture, as resnet18 -> resnet34
+    save_file(torchvision.models.get_model("squeezenet1_0", weights=None).state_dict(), other)
+    code, _, err = run([*argv, "--weights", str(other)], capsys)
+    assert_one_line_error(
+        code,
+        err,
+        "12 key(s) of the model missing from the file: 'features.6.squeeze.weight'",
+        "12 key(s) the model does not have: 'features.5.expand1x1.bias'",
+        "10 shape mismatch(es), file vs model: 'features.0.weight' (96, 3, 7, 7) vs (64, 3, 3, 3)",
+    )
+    assert not err.rstrip().endswith("...")  # nothing cut off
     code, _, err = run(
         [*argv, "--weights", str(file), "--num-classes", "10", "--input-size", "32"], capsys
     )
@@ -221,6 +249,9 @@ def test_out_is_checked_before_compressing(
     (saved / "stagecomp.json").write_text("{}")
     code, _, err = run(["compress", MODEL, "--strategy", "reduction", "--out", str(saved)], capsys)
     assert_one_line_error(code, err, "--force")
+    monkeypatch.setattr(cli, "run_demo", never)
+    code, _, err = run(["demo", "--out", str(file)], capsys)
+    assert_one_line_error(code, err, "existing file")
 
 
 def test_exclude_takes_one_name_per_flag_or_commas(
@@ -241,16 +272,20 @@ def test_exclude_takes_one_name_per_flag_or_commas(
 
 
 def test_a_closed_pipe_still_saves_and_exits_zero(tmp_path: Path) -> None:
+    """``stagecomp compress ... | head``: the reader goes away before the output ends."""
     out = tmp_path / "piped"
-    done = subprocess.run(
-        f"{sys.executable} -m stagecomp compress {MODEL} --strategy reduction --quiet "
-        f"--input-size 32 --out {out} | head -c 10",
-        shell=True,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert "Broken pipe" not in done.stderr
+    argv = ["compress", MODEL, "--strategy", "reduction", "--quiet", "--input-size", "32"]
+    with subprocess.Popen(
+        [sys.executable, "-m", "stagecomp", *argv, "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    ) as process:
+        assert process.stdout is not None and process.stderr is not None
+        process.stdout.close()  # the reader is gone before the report is printed
+        stderr = process.stderr.read().decode()
+        code = process.wait(timeout=300)
+    assert code == 0, stderr
+    assert "Broken pipe" not in stderr and "BrokenPipeError" not in stderr, stderr
     assert (out / "stagecomp.safetensors").exists() and (out / "stagecomp.json").exists()
 
 
@@ -276,3 +311,63 @@ def test_python_dash_m_entry_point(tmp_path: Path) -> None:
     )
     assert done.returncode == 1
     assert_one_line_error(done.returncode, done.stderr, "stagecomp.json")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_compress_output_follows_the_umask(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, umask: int
+) -> None:
+    out = tmp_path / "made" / "sq"
+    argv = ["compress", MODEL, "--strategy", "reduction", "--quiet", "--input-size", "32"]
+    previous = os.umask(umask)
+    try:
+        code, _, err = run([*argv, "--out", str(out)], capsys)
+    finally:
+        os.umask(previous)
+    assert code == 0, err
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    expected = 0o666 & ~umask
+    assert modes == {
+        "stagecomp.json": expected,
+        "stagecomp.safetensors": expected,
+        "report.txt": expected,
+    }
+    assert (
+        stat.S_IMODE(out.stat().st_mode)
+        == stat.S_IMODE(out.parent.stat().st_mode)
+        == 0o777 & ~umask
+    )
+
+
+def _documented_commands() -> list[str]:
+    """Every ``stagecomp demo|compress|report ...`` command of --help, the README and docs."""
+    root = Path(__file__).resolve().parent.parent
+    commands = [
+        line.strip() for line in cli._EPILOG.splitlines() if line.strip().startswith("stagecomp ")
+    ]
+    for page in [root / "README.md", *sorted((root / "docs").rglob("*.md"))]:
+        text = page.read_text()
+        commands += re.findall(r"^stagecomp (?:demo|compress|report)\b.*$", text, re.MULTILINE)
+        commands += [
+            " ".join(span.split())
+            for span in re.findall(r"`(stagecomp (?:demo|compress|report)\b[^`]*)`", text)
+        ]
+    return commands
+
+
+def test_every_documented_command_parses() -> None:
+    """A command in the docs that the parser refuses (e.g. --exclude a b MODEL) is drift."""
+    commands = _documented_commands()
+    assert len(commands) > 10
+    parser = cli.build_parser()
+    for command in commands:
+        words = shlex.split(command)[1:]
+        if len(words) < 2 or words[-1] == "--out" or words[-1] in ("MODEL", "DIR"):
+            continue  # a mention (`stagecomp demo --out`) or a synopsis (`stagecomp report DIR`)
+        try:
+            args = parser.parse_args(words)
+        except (SystemExit, argparse.ArgumentError):
+            pytest.fail(f"documented command does not parse: {command}")
+        if args.command == "compress" and args.strategy == "vbmf":
+            # VBMF finds nothing in random weights: an example without --weights does nothing.
+            assert args.weights is not None, command

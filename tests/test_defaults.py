@@ -50,6 +50,11 @@ def test_vbmf_on_untrained_weights_says_so_in_the_report() -> None:
     report = c.report()
     assert "warning: no layer was replaced" in report
     assert "1.00x fewer" not in report and "no fewer" in report
+    # The reason is said once per step, wrapped to the table's width; repeats point to it.
+    assert report.count("VBMF found no low-rank structure") == 1
+    assert "unchanged: as 0 above" in report
+    width = len(next(line for line in report.splitlines() if line.startswith("step stage")))
+    assert max(len(line) for line in report.splitlines()) <= width
 
 
 def test_manual_without_ranks_groups_the_reason_and_says_what_to_pass() -> None:

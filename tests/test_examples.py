@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import re
+import shlex
 import sys
+import warnings
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -32,6 +36,15 @@ def test_every_example_has_a_test() -> None:
         "train_from_scratch",
     }
     assert {p.stem for p in EXAMPLES.glob("*.py")} == tested
+    # ... and that test runs the whole example: main() with --quick, as the README says.
+    source = Path(__file__).read_text()
+    for name in sorted(tested):
+        runs = re.search(rf'example\("{name}"\)\.main\(\[[^\]]*"--quick"', source) or re.search(
+            rf'module = example\("{name}"\)(?:(?!\ndef ).)*?module\.main\(\[[^\]]*"--quick"',
+            source,
+            re.DOTALL,
+        )
+        assert runs, f"no test runs examples/{name}.py with --quick"
 
 
 def test_digits_walkthrough(tmp_path: Path) -> None:
@@ -77,6 +90,49 @@ def test_finetune_imagefolder_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert info.value.code == 0
     text = capsys.readouterr().out
     assert "CIFAR-10" in text and "ImageFolder" in text and "--resume" in text
+
+
+def test_finetune_imagefolder_quick_runs_resumes_and_reloads(tmp_path: Path) -> None:
+    module = example("finetune_imagefolder")
+    out = tmp_path / "run"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # e.g. DataLoader's "too many workers"
+        result: dict[str, Any] = module.main(["--quick", "--out", str(out)])
+    assert [row["step"] for row in result["history"]] == [0, 1, 2]
+    assert result["decomposed_layers"] == 26  # every conv of squeezenet1_1
+    assert 1.9 < result["params_before"] / result["params_after"] < 2.1  # rate 2 per layer
+    assert result["history"][-1]["params"] == result["params_after"]
+    assert result["reload_identical"] is True
+    assert {"stagecomp.json", "stagecomp.safetensors", "compressor.json", "report.txt"} <= {
+        p.name for p in out.iterdir()
+    }
+    resumed = module.main(["--quick", "--resume", "--out", str(out)])
+    assert resumed["history"] == result["history"]
+    assert resumed["params_after"] == result["params_after"]
+    assert resumed["reload_identical"] is True
+
+
+def test_finetune_imagefolder_documented_commands_parse() -> None:
+    """The commands in its docstring and docs/examples.md are ones its parser accepts."""
+    module = example("finetune_imagefolder")
+    pages = [module.__doc__ or "", (EXAMPLES.parent / "docs" / "examples.md").read_text()]
+    text = "\n".join(pages).replace("\\\n", " ")
+    commands = re.findall(r"python examples/finetune_imagefolder\.py([^\n#]*)", text)
+    assert len(commands) >= 4
+    for command in commands:
+        module.parse(shlex.split(command))  # SystemExit on an unknown option
+
+
+def test_finetune_imagefolder_workers_fit_the_machine() -> None:
+    module = example("finetune_imagefolder")
+    args = module.parse(["data"])
+    assert args.workers == min(4, module.available_cores())
+    assert args.workers <= (os.cpu_count() or 1)
+    assert module.parse(["data", "--exclude", "conv1,fc", "--exclude", "layer4.*"]).exclude == [
+        "conv1",
+        "fc",
+        "layer4.*",
+    ]
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -125,3 +127,60 @@ def test_weights_file_holds_no_pickle(tmp_path: Path) -> None:
     header_len = int.from_bytes((tmp_path / WEIGHTS_FILE).read_bytes()[:8], "little")
     header = json.loads((tmp_path / WEIGHTS_FILE).read_bytes()[8 : 8 + header_len])
     assert "3.core.weight" in header or any(k.startswith("3.") for k in header)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_saved_files_follow_the_umask(tmp_path: Path, umask: int) -> None:
+    """Both files and the folders a save creates get the modes plain open()/mkdir give."""
+    previous = os.umask(umask)
+    try:
+        folder = sc.save(compressed(), tmp_path / "new" / "save")
+    finally:
+        os.umask(previous)
+    modes = {
+        name: stat.S_IMODE((folder / name).stat().st_mode) for name in (RECIPE_FILE, WEIGHTS_FILE)
+    }
+    assert modes == {RECIPE_FILE: 0o666 & ~umask, WEIGHTS_FILE: 0o666 & ~umask}
+    for created in (folder, folder.parent):
+        assert stat.S_IMODE(created.stat().st_mode) == 0o777 & ~umask
+    assert sorted(p.name for p in folder.iterdir()) == sorted(modes)  # no temporaries left
+
+
+def test_a_save_of_another_architecture_names_the_keys_that_differ(tmp_path: Path) -> None:
+    """Like a resnet18 save loaded into resnet34: torch's message is cut off on one line,
+    ours counts each kind of difference and names the first keys of each."""
+    sc.save(compressed(), tmp_path)
+    deeper = nn.Sequential(*build(), nn.ReLU(), nn.Linear(27, 5)).eval()
+    reference = {k: v.clone() for k, v in deeper.state_dict().items()}
+    with pytest.raises(sc.RecipeError) as info:
+        sc.load(deeper, tmp_path)
+    message = str(info.value)
+    assert "2 key(s) of the model missing from the file: '11.weight', '11.bias'" in message
+    assert "Error(s) in loading state_dict" not in message and len(message) < 300
+    assert _unchanged(deeper, reference)
+    assert not any(isinstance(m, sc.DecomposedLayer) for m in deeper.modules())
+
+    untracked = build()
+    untracked[1] = nn.BatchNorm2d(16, track_running_stats=False)
+    with pytest.raises(sc.RecipeError) as info:
+        sc.load(untracked, tmp_path)
+    assert (
+        "3 key(s) the model does not have: '1.num_batches_tracked', '1.running_mean', "
+        "'1.running_var'" in str(info.value)
+    )
+
+    other_classes = build()
+    other_classes[9] = nn.Linear(32, 10)
+    with pytest.raises(sc.RecipeError) as info:
+        sc.load(other_classes, tmp_path)  # the recipe's geometry is checked first
+    assert str(info.value) == (
+        "recipe layer '9' does not fit the model's: out_channels 27 in the recipe, 10 in the model"
+    )
+    plain = tmp_path / "plain"
+    sc.save(build(), plain)
+    with pytest.raises(sc.RecipeError) as info:
+        sc.load(other_classes.eval(), plain)
+    assert (
+        "2 shape mismatch(es), file vs model: '9.weight' (27, 32) vs (10, 32), "
+        "'9.bias' (27,) vs (10,)" in str(info.value)
+    )

@@ -42,7 +42,7 @@ class VBMF:
 
     full_rank_hint: ClassVar[str] = (
         "VBMF found no low-rank structure above the noise (it keeps the full rank): the "
-        "weights look untrained; for untrained weights use strategy='reduction' or 'manual'"
+        "weights look untrained; for untrained weights use the 'reduction' or 'manual' strategy"
     )
     """Why a layer VBMF keeps at full rank is left alone, for the report."""
 
