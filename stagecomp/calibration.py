@@ -6,6 +6,11 @@ layers, accumulates ``sum x x^T`` and ``sum x`` in float64 on the model's
 device: memory stays at one ``d x d`` matrix per layer whatever the number of
 batches. Linear layers see every leading dimension (batch, tokens) as samples;
 convolutions see every batch x spatial position as a sample of its channels.
+
+Padding is not a sample: when a batch is a dict with an ``attention_mask`` (batch x
+tokens, 0 at padded positions), or a ``mask=`` function gives one, the rows of every
+layer whose activations are batch x tokens x features are taken only where the mask is
+set, in the statistics and in the gradient moments alike.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +40,68 @@ eight), four is most of the gain for a quarter of the backward passes of eight."
 
 Forward = Callable[[nn.Module, Any], Any]
 """How one batch is fed to the model: ``forward(model, batch) -> output``."""
+
+MaskFn = Callable[[Any], "torch.Tensor | None"]
+"""Which positions of a batch are samples: ``mask(batch) -> bool tensor`` shaped like the
+leading dimensions of the activations (e.g. batch x tokens), or None for all of them."""
+
+NO_GRADIENT = (
+    "no gradient of the model's output reaches this layer (it is off the output path, "
+    "e.g. an unused pooler): nothing to weight its factors by"
+)
+"""Why a layer gets no gradient moment (``collect_gradient_moments`` leaves it out)."""
+
+
+def attention_mask(batch: Any) -> torch.Tensor | None:
+    """The default ``MaskFn``: a dict batch's ``attention_mask``, else None (every position).
+
+    Hugging Face tokenizers give ``attention_mask`` as batch x tokens with 0 at padding,
+    the layout of the activations of every Linear layer in a transformer block.
+    """
+    if isinstance(batch, Mapping):
+        value = batch.get("attention_mask")
+        if isinstance(value, torch.Tensor):
+            return value
+    return None
+
+
+def batch_mask(batch: Any, mask: MaskFn | None) -> torch.Tensor | None:
+    """The sample mask of one batch as a bool tensor (``mask`` or ``attention_mask``)."""
+    value = (mask or attention_mask)(batch)
+    if value is None:
+        return None
+    if not isinstance(value, torch.Tensor):
+        raise StagecompError(
+            f"calibration mask returned a {type(value).__name__}; expected a bool tensor "
+            "shaped like the activations' leading dimensions (e.g. batch x tokens) or None"
+        )
+    return value.to(torch.bool)
+
+
+def sample_rows(
+    tensor: torch.Tensor,
+    shape: LayerShape,
+    channels: int,
+    name: str,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The samples of one activation as float64 rows of ``channels`` features.
+
+    Linear: every leading position is a sample, except where ``mask`` (shaped like the
+    leading dimensions) is False; convolutions: every batch x spatial position.
+    """
+    if shape.kind == "linear":
+        if mask is not None and tuple(tensor.shape[:-1]) == tuple(mask.shape):
+            rows = tensor[mask.to(tensor.device)]
+        else:
+            rows = tensor.reshape(-1, tensor.shape[-1])
+    else:
+        rows = tensor.movedim(1, -1).reshape(-1, tensor.shape[1])
+    if rows.shape[1] != channels:
+        raise StagecompError(
+            f"layer {name!r}: calibration saw {rows.shape[1]} features, expected {channels}"
+        )
+    return rows.detach().to(torch.float64)
 
 
 @dataclass
@@ -75,13 +142,17 @@ class LayerStatistics:
 
 
 class _Accumulator:
-    """Running float64 sums for one layer; rows of ``samples`` are samples."""
+    """Running float64 sums for one layer; rows of ``samples`` are samples.
+
+    ``mask`` is the sample mask of the batch being run (set before each batch).
+    """
 
     def __init__(self, name: str, shape: LayerShape, outputs: bool, cross: bool = False) -> None:
         self.name = name
         self.shape = shape
         self.outputs = outputs
         self.cross = cross
+        self.mask: torch.Tensor | None = None
         self.pending: list[torch.Tensor] = []
         self.cross_sum: torch.Tensor | None = None
         self.count = 0
@@ -91,16 +162,7 @@ class _Accumulator:
         self.yy_sum: torch.Tensor | None = None
 
     def _rows(self, tensor: torch.Tensor, channels: int) -> torch.Tensor:
-        if self.shape.kind == "linear":
-            rows = tensor.reshape(-1, tensor.shape[-1])
-        else:
-            rows = tensor.movedim(1, -1).reshape(-1, tensor.shape[1])
-        if rows.shape[1] != channels:
-            raise StagecompError(
-                f"layer {self.name!r}: calibration saw {rows.shape[1]} features, "
-                f"expected {channels}"
-            )
-        return rows.detach().to(torch.float64)
+        return sample_rows(tensor, self.shape, channels, self.name, self.mask)
 
     def add(self, inputs: tuple[Any, ...], output: Any) -> None:
         x = self._rows(inputs[0], self.shape.in_channels)
@@ -199,6 +261,7 @@ def collect_statistics(
     max_batches: int | None = None,
     progress: bool = True,
     reference: nn.Module | None = None,
+    mask: MaskFn | None = None,
 ) -> dict[str, LayerStatistics]:
     """Input (and optionally output) second moments of the named layers, in one pass.
 
@@ -213,6 +276,8 @@ def collect_statistics(
         progress: Show a tqdm bar over the batches.
         reference: The same architecture before compression; when given, each batch
             also runs through it and ``cross_moment`` is collected (see ``LayerStatistics``).
+        mask: Which positions of a batch are samples (default: a dict batch's
+            ``attention_mask``; see ``MaskFn``).
 
     Returns:
         One ``LayerStatistics`` per name.
@@ -256,6 +321,9 @@ def collect_statistics(
                 if module is not None:
                     modes.enter_context(eval_mode(module))
             for batch in tqdm(source, desc="calibration", total=total, disable=not progress):
+                rows = batch_mask(batch, mask)
+                for acc in accumulators.values():
+                    acc.mask = rows
                 if reference is not None:
                     run_batch(reference, batch, forward)
                 run_batch(model, batch, forward)
@@ -291,6 +359,43 @@ def main_output(output: Any) -> torch.Tensor:
     )
 
 
+@contextlib.contextmanager
+def gradients_only_from(model: nn.Module, roots: Sequence[nn.Module]) -> Iterator[None]:
+    """Let only the parameters of ``roots`` require gradients while the block runs.
+
+    The backward passes here differentiate activations, never weights: with the other
+    parameters frozen, autograd saves no layer input for a weight gradient nobody
+    asks for, which halves the memory a forward pass with gradients keeps.
+    """
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for param, _ in flags:
+            param.requires_grad_(False)
+        for root in roots:
+            for param in root.parameters():
+                param.requires_grad_(True)
+        yield
+    finally:
+        for param, flag in flags:
+            param.requires_grad_(flag)
+
+
+def output_probe(
+    final: torch.Tensor, generator: torch.Generator, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """A random Gaussian projection of the final output, zero at masked positions.
+
+    A padded position's output is no sample either: when the output's leading
+    dimensions are the mask's (logits of batch x tokens), its probe is zero there, so
+    no gradient comes from it.
+    """
+    probe = torch.randn(final.shape, generator=generator).to(final)
+    if mask is not None and tuple(final.shape[: mask.ndim]) == tuple(mask.shape):
+        keep = mask.to(final.device).reshape(*mask.shape, *([1] * (final.ndim - mask.ndim)))
+        probe = probe * keep
+    return probe
+
+
 def collect_gradient_moments(
     model: nn.Module,
     batches: Iterable[Any],
@@ -301,6 +406,8 @@ def collect_gradient_moments(
     probes: int = GRADIENT_PROBES,
     seed: int = 0,
     progress: bool = True,
+    mask: MaskFn | None = None,
+    before_batch: Callable[[int], None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """How much an error in each layer's output moves the model's final output.
 
@@ -310,8 +417,17 @@ def collect_gradient_moments(
     batch and averaged over batches and probes, the moments of different layers
     are in the same units and can be compared. No parameter's ``.grad`` is touched.
 
+    Args:
+        mask: Which positions of a batch are samples (default: a dict batch's
+            ``attention_mask``): masked rows of a layer's output gradient are left out,
+            and the random projection is zero at masked positions of the output.
+        before_batch: Called with each batch's index before it runs (memory-bounded
+            calibration uses it to start the model at a block from cached inputs).
+
     Returns:
-        ``{name: (out, out) float64 matrix}``.
+        ``{name: (out, out) float64 matrix}`` for every layer some gradient reaches; a
+        layer off the path to the output (an unused pooler) is left out, with a log line
+        (``NO_GRADIENT``).
     """
     pick = output or main_output
     modules = dict(model.named_modules())
@@ -322,7 +438,6 @@ def collect_gradient_moments(
     sums: dict[str, torch.Tensor] = {}
     captured: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     handles = []
-    flags = [(p, p.requires_grad) for n in names for p in modules[n].parameters()]
     generator = torch.Generator().manual_seed(seed)
     batches_seen = 0
     try:
@@ -332,50 +447,54 @@ def collect_gradient_moments(
                     lambda _m, _i, out, name=name: captured[name].append(out)
                 )
             )
-        for param, _ in flags:
-            param.requires_grad_(True)
-        with eval_mode(model):
-            for batch in tqdm(batches, desc="gradients", disable=not progress):
+        with eval_mode(model), gradients_only_from(model, [modules[n] for n in names]):
+            for index, batch in enumerate(tqdm(batches, desc="gradients", disable=not progress)):
                 for values in captured.values():
                     values.clear()
+                if before_batch is not None:
+                    before_batch(index)
+                rows_mask = batch_mask(batch, mask)
                 with torch.enable_grad():
                     final = pick(run_batch(model, batch, forward))
                     outs = [o for n in names for o in captured[n]]
                     owners = [n for n in names for _ in captured[n]]
-                    for probe in range(probes):
-                        r = torch.randn(final.shape, generator=generator).to(final)
+                    # None when no layer ran, or none is on the path to the output.
+                    probes_run = probes if outs and final.requires_grad else 0
+                    for probe in range(probes_run):
+                        r = output_probe(final, generator, rows_mask)
                         grads = torch.autograd.grad(
                             (final * r).sum(),
                             outs,
-                            retain_graph=probe + 1 < probes,
+                            retain_graph=probe + 1 < probes_run,
                             allow_unused=True,
                         )
                         for name, grad in zip(owners, grads, strict=True):
                             if grad is None:
                                 continue
-                            rows = _Accumulator(name, shapes[name], False)._rows(
-                                grad, shapes[name].out_channels
+                            rows = sample_rows(
+                                grad, shapes[name], shapes[name].out_channels, name, rows_mask
                             )
                             if name not in sums:
                                 sums[name] = rows.T @ rows
                             else:
                                 sums[name].addmm_(rows.T, rows)
+                    del final, outs
                 batches_seen += 1
     finally:
         for handle in handles:
             handle.remove()
-        for param, flag in flags:
-            param.requires_grad_(flag)
-    absent = [n for n in names if n not in sums]
-    if absent:
-        raise StagecompError(f"layers {absent} do not affect the model's output")
-    broken = [n for n in names if not bool(torch.isfinite(sums[n]).all())]
+        for values in captured.values():
+            values.clear()
+    for name in names:
+        if name not in sums:
+            logger.info("layer %r: %s", name, NO_GRADIENT)
+    broken = [n for n in sums if not bool(torch.isfinite(sums[n]).all())]
     if broken:
         raise StagecompError(
             f"the output gradients at layers {broken} hold NaN or infinity; check the "
             "calibration batches and the model's output on them"
         )
-    return {n: sums[n] / (batches_seen * probes) for n in names}
+    return {n: sums[n] / (batches_seen * probes) for n in names if n in sums}
 
 
 def _length(batches: Iterable[Any]) -> int | None:
@@ -405,11 +524,18 @@ def _to_device(batch: Any, device: torch.device) -> Any:
 
 __all__ = [
     "GRADIENT_PROBES",
+    "NO_GRADIENT",
     "Forward",
     "LayerStatistics",
+    "MaskFn",
     "OutputFn",
+    "attention_mask",
+    "batch_mask",
     "collect_gradient_moments",
     "collect_statistics",
+    "gradients_only_from",
     "main_output",
+    "output_probe",
     "run_batch",
+    "sample_rows",
 ]

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from stagecomp.blocks import find_blocks
 from stagecomp.changes import LayerChange, StepResult
 from stagecomp.config import Calibration
 from stagecomp.distillation import refine_step
@@ -30,6 +31,7 @@ from stagecomp.options import DecomposeOptions
 from stagecomp.plan import LayerRank, Plan, PlannedLayer, build_plan, decomposable_layers
 from stagecomp.recipe import apply_recipe, model_recipe, undo_recipe
 from stagecomp.report import format_run_report
+from stagecomp.sequential import SequentialStatistics
 from stagecomp.stage_preparation import check_model_strategies, prepare_stages
 from stagecomp.state import (
     STATE_FORMAT,
@@ -155,6 +157,11 @@ class Compressor(metaclass=AcceptsLegacyArguments):
 
         self._stats: ModelStats | None = self._count_example()
         self.original_stats = self._stats
+        blocks = (
+            find_blocks(model, calibration.blocks)
+            if calibration is not None and calibration.blocks is not None
+            else []
+        )
         self.plan: Plan = build_plan(
             model,
             strategy=self.strategy,
@@ -169,9 +176,22 @@ class Compressor(metaclass=AcceptsLegacyArguments):
             layer_macs=self._stats.layer_macs if self._stats is not None else None,
             calibrated=calibration is not None,
             example_input=example_input,
+            blocks=blocks,
         )
         self._check_calibration_use()
         check_model_strategies(self.plan, example_input)  # e.g. Speedup: needs the model's input
+        self._sequential = (
+            SequentialStatistics(
+                model,
+                list(calibration.batches),
+                blocks,
+                forward=calibration.forward,
+                output=calibration.output,
+                mask=calibration.mask,
+            )
+            if calibration is not None and blocks
+            else None
+        )
         self._reference = (
             copy.deepcopy(model) if calibration is not None and calibration.correct_drift else None
         )
@@ -293,6 +313,7 @@ class Compressor(metaclass=AcceptsLegacyArguments):
             [target for _, target in chunk],
             reference=self._reference,
             progress=self.progress,
+            sequential=self._sequential,
         )
 
         def job(stage: int, target: PlannedLayer) -> tuple[LayerChange, nn.Module | None]:

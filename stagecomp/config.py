@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from stagecomp.calibration import Forward, OutputFn
+from stagecomp.calibration import Forward, MaskFn, OutputFn
 from stagecomp.data_aware import VARIANTS, check_variant
 from stagecomp.distillation import LocalDistillation
 from stagecomp.errors import StagecompError
@@ -54,6 +54,20 @@ class Calibration:
             the original layer's outputs on the original inputs, so it also undoes the
             drift of earlier compressed layers (one copy of the model, a second forward
             per batch).
+        blocks: Calibrate block by block, for large models: a pattern naming the
+            model's repeated blocks (``"model.layers.*"`` for Llama, ``"encoder.layer.*"``
+            for BERT) or ``"auto"`` (the longest ``nn.ModuleList`` of one kind of
+            module). Each block's inputs are cached once and moved on through the
+            compressed blocks, so a step runs only its block instead of the whole model,
+            and the statistics of only its layers are alive: the same numbers as
+            without, in a fraction of the memory and time. Steps never span two
+            blocks; with ``layers_per_step`` at least a block's layers, one step is one
+            block. The batches are kept as a list.
+        mask: Which positions of a batch are samples: ``mask(batch) -> bool tensor``
+            shaped like the leading dimensions of the layers' activations, or None for
+            all. Default: a dict batch's ``attention_mask`` (batch x tokens, 0 at
+            padding), so padding never counts; pass e.g. ``lambda b: b["mask"].T`` for
+            tokens-first activations.
         refine: After each step swaps its new layers in, train them briefly to reproduce
             the layers they replaced on these batches (``stagecomp.LocalDistillation``);
             ``None``: no training. Works with ``factors=None`` too.
@@ -64,6 +78,8 @@ class Calibration:
     forward: Forward | None = field(default=None, repr=False, compare=False)
     output: OutputFn | None = field(default=None, repr=False, compare=False)
     correct_drift: bool = False
+    blocks: str | None = None
+    mask: MaskFn | None = field(default=None, repr=False, compare=False)
     refine: LocalDistillation | None = None
 
     def __post_init__(self) -> None:
@@ -110,6 +126,17 @@ class Calibration:
                 "Calibration correct_drift=True refits data-aware factors, but factors=None "
                 f"asks for none; set factors to one of {VARIANTS}"
             )
+        if self.blocks is not None and (not isinstance(self.blocks, str) or not self.blocks):
+            raise StagecompError(
+                f"Calibration blocks={self.blocks!r} is not allowed; expected a pattern "
+                "naming the model's repeated blocks (e.g. 'model.layers.*'), 'auto' or None"
+            )
+        if self.blocks is not None and self.correct_drift:
+            raise StagecompError(
+                "Calibration correct_drift=True cannot be combined with blocks=: drift "
+                "correction runs a second, uncompressed copy of the model beside it, which "
+                "block-by-block calibration exists to avoid; drop one of them"
+            )
         if self.output is not None and "gradient" not in self.variants():
             raise StagecompError(
                 "Calibration output= picks the tensor whose gradients factors='gradient' "
@@ -130,6 +157,8 @@ class Calibration:
             "forward": None if self.forward is None else _CUSTOM,
             "output": None if self.output is None else _CUSTOM,
             "correct_drift": self.correct_drift,
+            "blocks": self.blocks,
+            "mask": None if self.mask is None else _CUSTOM,
             "refine": None if self.refine is None else self.refine.to_dict(),
         }
 
@@ -141,9 +170,10 @@ class Calibration:
         *,
         forward: Forward | None = None,
         output: OutputFn | None = None,
+        mask: MaskFn | None = None,
     ) -> Calibration:
         """The settings of ``to_dict`` with the batches (and code) given again."""
-        for label, given in (("forward", forward), ("output", output)):
+        for label, given in (("forward", forward), ("output", output), ("mask", mask)):
             if data.get(label) == _CUSTOM and given is None:
                 raise StagecompError(
                     f"the saved calibration used a custom {label}= function; pass it again "
@@ -155,6 +185,8 @@ class Calibration:
             forward=forward,
             output=output,
             correct_drift=bool(data.get("correct_drift", False)),
+            blocks=data.get("blocks"),
+            mask=mask,
             refine=None
             if data.get("refine") is None
             else LocalDistillation.from_dict(data["refine"]),

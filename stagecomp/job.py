@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from stagecomp.calibration import LayerStatistics
+from stagecomp.calibration import NO_GRADIENT, LayerStatistics
 from stagecomp.changes import LayerChange
 from stagecomp.data_aware import decompose_data_aware
 from stagecomp.errors import UnsupportedLayerError
@@ -66,6 +66,13 @@ def run_layer_job(
     obstacle = fixed_code(module)  # a parametrization or state-dict hook added since the plan
     if obstacle is not None:
         change.skipped = obstacle
+        return change, None
+    if (
+        target.factors == "gradient"
+        and statistics is not None
+        and statistics.gradient_moment is None
+    ):
+        change.skipped = NO_GRADIENT
         return change, None
     grow = allows_growth(target.strategy)
     picked = method_pick(target.strategy, name, stage)  # a whole-model strategy picks the method

@@ -198,9 +198,12 @@ def build_plan(
     order: str,
     layer_macs: Mapping[str, int] | None,
     calibrated: bool,
+    blocks: Sequence[str] = (),
     example_input: Any = None,
 ) -> Plan:
     """The plan for ``model`` under these settings (see ``Compressor`` for their meaning).
+
+    With ``blocks`` (block-by-block calibration) no step spans two blocks.
 
     Raises:
         NoMatchingLayerError: a key matches no layer, or no layer can be compressed.
@@ -270,10 +273,31 @@ def build_plan(
     if order == "macs" and layer_macs is not None:
         targets.sort(key=lambda t: -layer_macs.get(t.name, 0))
     flat = [(stage, t) for stage in range(stages) for t in targets]
-    steps = tuple(
-        tuple(flat[i : i + layers_per_step]) for i in range(0, len(flat), layers_per_step)
-    )
-    return Plan(tuple(targets), skipped, steps, remarks)
+    return Plan(tuple(targets), skipped, _steps(flat, layers_per_step, blocks), remarks)
+
+
+def _steps(
+    flat: list[tuple[int, PlannedLayer]], layers_per_step: int, blocks: Sequence[str]
+) -> tuple[tuple[tuple[int, PlannedLayer], ...], ...]:
+    """``flat`` cut into steps of ``layers_per_step``, and with ``blocks`` also wherever
+    the block (or the stage) changes."""
+    if not blocks:
+        return tuple(
+            tuple(flat[i : i + layers_per_step]) for i in range(0, len(flat), layers_per_step)
+        )
+    steps: list[tuple[tuple[int, PlannedLayer], ...]] = []
+    current: list[tuple[int, PlannedLayer]] = []
+    key: tuple[int, str | None] | None = None
+    for stage, target in flat:
+        block = next((b for b in blocks if target.name.startswith(b + ".")), None)
+        if current and ((stage, block) != key or len(current) == layers_per_step):
+            steps.append(tuple(current))
+            current = []
+        current.append((stage, target))
+        key = (stage, block)
+    if current:
+        steps.append(tuple(current))
+    return tuple(steps)
 
 
 def _grouped(skipped: Mapping[str, str]) -> str:

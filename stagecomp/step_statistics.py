@@ -3,7 +3,8 @@
 Only the layers that use statistics are measured: those with data-aware factors and
 those whose strategy reads them. Output moments are recorded only where a method's
 data-aware factors or ranks need them, and gradient moments only for layers fitted
-with ``"gradient"``.
+with ``"gradient"``. With ``Calibration(blocks=...)`` the statistics come block by block
+from cached block inputs (``stagecomp.sequential``): the same numbers, in bounded memory.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from stagecomp.config import Calibration
 from stagecomp.layer_shape import LayerShape
 from stagecomp.methods import get_method
 from stagecomp.plan import WEIGHT, PlannedLayer
+from stagecomp.sequential import SequentialStatistics
 from stagecomp.strategies import needs_calibration
 from stagecomp.surgery import get_module
 
@@ -33,8 +35,13 @@ def step_statistics(
     *,
     reference: nn.Module | None = None,
     progress: bool = True,
+    sequential: SequentialStatistics | None = None,
 ) -> dict[str, LayerStatistics]:
-    """Statistics of the step's layers that use them, on the model as it is now."""
+    """Statistics of the step's layers that use them, on the model as it is now.
+
+    A layer fitted with ``"gradient"`` that no gradient of the output reaches gets no
+    ``gradient_moment`` (its job then skips it with ``NO_GRADIENT``).
+    """
     if calibration is None:
         return {}
     users = list({t.name: t for t in targets if uses_statistics(t)}.values())
@@ -48,6 +55,9 @@ def step_statistics(
             LayerShape.from_module(get_module(model, t.name), t.name)
         )
     ]
+    weighted = [t.name for t in users if t.factors == "gradient"]
+    if sequential is not None:
+        return sequential.collect(names, outputs, weighted, progress=progress)
     statistics = collect_statistics(
         model,
         calibration.batches,
@@ -56,8 +66,8 @@ def step_statistics(
         forward=calibration.forward,
         progress=progress,
         reference=reference,
+        mask=calibration.mask,
     )
-    weighted = [t.name for t in users if t.factors == "gradient"]
     if weighted:
         gradients = collect_gradient_moments(
             model,
@@ -66,6 +76,7 @@ def step_statistics(
             forward=calibration.forward,
             output=calibration.output,
             progress=progress,
+            mask=calibration.mask,
         )
         for name, moment in gradients.items():
             statistics[name].gradient_moment = moment

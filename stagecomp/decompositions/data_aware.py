@@ -55,10 +55,10 @@ def moment_root(moment: torch.Tensor, damping: float = DEFAULT_DAMPING) -> torch
     negative eigenvalues clipped to zero.
     """
     s = moment.to(torch.float64)
-    s = (s + s.T) / 2
-    scale = float(s.diagonal().mean()) if s.numel() else 0.0
-    eye = torch.eye(s.shape[0], dtype=s.dtype, device=s.device)
-    damped = s + max(damping * scale, torch.finfo(s.dtype).tiny) * eye
+    # In place where it can be: for a 2048-wide moment every copy is 32 MiB.
+    damped = (s + s.T).mul_(0.5)
+    scale = float(damped.diagonal().mean()) if damped.numel() else 0.0
+    damped.diagonal().add_(max(damping * scale, torch.finfo(damped.dtype).tiny))
     root, info = torch.linalg.cholesky_ex(damped)
     if int(info) == 0:
         return root

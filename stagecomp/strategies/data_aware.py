@@ -20,18 +20,23 @@ ranks and staying dense.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from stagecomp.blocks import find_blocks, starting_at
 from stagecomp.calibration import (
     GRADIENT_PROBES,
+    NO_GRADIENT,
     Forward,
     LayerStatistics,
+    MaskFn,
     OutputFn,
     collect_gradient_moments,
     collect_statistics,
@@ -51,6 +56,7 @@ from stagecomp.layers.base import describe
 from stagecomp.methods import METHODS, get_method
 from stagecomp.methods.unfoldings import dense_weight
 from stagecomp.options import DecomposeOptions
+from stagecomp.sequential import sweep_statistics
 from stagecomp.surgery import eval_mode, get_module, replace_module
 
 if TYPE_CHECKING:
@@ -127,6 +133,8 @@ def allocate_ranks(
     gradient_probes: int = GRADIENT_PROBES,
     options: DecomposeOptions | None = None,
     progress: bool = True,
+    blocks: str | None = None,
+    mask: MaskFn | None = None,
 ) -> dict[str, int | None]:
     """SVD ranks for ``names`` with ``rate`` times fewer parameters in total, where they hurt least.
 
@@ -159,10 +167,20 @@ def allocate_ranks(
         gradient_probes: Random output projections per batch for the gradient moments.
         options: Decomposition options.
         progress: Show progress bars.
+        blocks: Calibrate block by block, for large models: a pattern naming the
+            model's repeated blocks (``"model.layers.*"``) or ``"auto"`` (see
+            ``stagecomp.Calibration``). Every block's inputs are cached once; the
+            gradient moments are backpropagated one block at a time from the last, and
+            each layer's moments are dropped once its cost curve is computed, so only
+            one block's moments are alive (a measurement round computes them again).
+            The same ranks as without.
+        mask: Which positions of a batch are samples (default: a dict batch's
+            ``attention_mask``; see ``stagecomp.Calibration``).
 
     Returns:
-        ``{name: rank}``, or ``None`` for a layer best left dense; usable as
-        ``Compressor(ranks=...)`` together with
+        ``{name: rank}`` in the order of ``names``, or ``None`` for a layer best left
+        dense, or one no gradient of the output reaches (an unused pooler: logged, and
+        left out of the budget); usable as ``Compressor(ranks=...)`` together with
         ``calibration=stagecomp.Calibration(batches, factors=...)``.
     """
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not rate > 1:
@@ -191,46 +209,138 @@ def allocate_ranks(
     check_variant(variant)
     options = options or DecomposeOptions()
     batch_list = list(batches)
-    stats = collect_statistics(model, batch_list, names, forward=forward, progress=progress)
-    if sensitivity == "gradient" or variant == "gradient":
-        gradients = collect_gradient_moments(
-            model,
-            batch_list,
-            names,
-            forward=forward,
-            output=output,
-            probes=gradient_probes,
-            progress=progress,
-        )
-        for name, moment in gradients.items():
-            stats[name].gradient_moment = moment
-    layers = [_layer_costs(model, n, stats[n], method, sensitivity, options) for n in names]
+    gradients = sensitivity == "gradient" or variant == "gradient"
+    block_names = find_blocks(model, blocks) if blocks is not None else []
+    source = _Statistics(model, batch_list, names, block_names, gradients, forward, output, mask)
+    source.probes, source.progress = gradient_probes, progress
+    layers: list[_Layer] = []
+    for _start, group in source.groups():
+        for name in list(group):
+            stats = group.pop(name)  # dropped once its costs are known (until a round)
+            if gradients and stats.gradient_moment is None:
+                logger.warning("allocate_ranks leaves layer %r dense: %s", name, NO_GRADIENT)
+                continue
+            layers.append(_layer_costs(model, name, stats, method, sensitivity, options))
+            del stats
+    layers.sort(key=lambda layer: names.index(layer.name))
     budget = sum(layer.dense for layer in layers) / rate
     if sensitivity == "gradient" and rounds == 0:
-        return _lagrangian(layers, budget)
+        return _in_order(names, _lagrangian(layers, budget))
 
     probe = _Probe(model, batch_list[:sensitivity_batches], forward, output or main_output)
+    by_name = {layer.name: layer for layer in layers}
     # Gradient rounds measure at the predicted allocation; probe round 1 at the uniform rate.
     chosen = _lagrangian(layers, budget) if sensitivity == "gradient" else {}
     for round_index in range(rounds):
-        bar = tqdm(layers, desc=f"sensitivity {round_index + 1}/{rounds}", disable=not progress)
-        for layer in bar:
-            rank = chosen.get(layer.name) or layer.rank_for(layer.dense / rate)
-            module = get_module(model, layer.name)
-            replacement = decompose_data_aware(
-                module, method, rank, stats[layer.name], variant=variant, options=options
-            )
-            noise = probe.noise(layer.name, replacement)
-            predicted = float(layer.curve[rank - 1])
-            if sensitivity == "probe":
-                # Relative squared error of the output per unit of the layer's own.
-                layer.sensitivity = noise / probe.signal / predicted if predicted > 0 else 0.0
-            elif predicted > 0:
-                # Squared change of the final output per batch, as the gradient moments count it.
-                layer.sensitivity = noise / len(probe.batches) / predicted
+        bar = tqdm(
+            total=len(layers), desc=f"sensitivity {round_index + 1}/{rounds}", disable=not progress
+        )
+        for start, group in source.groups():
+            for name in list(group):
+                stats = group.pop(name)
+                layer = by_name.get(name)
+                if layer is None:
+                    continue
+                rank = chosen.get(layer.name) or layer.rank_for(layer.dense / rate)
+                module = get_module(model, layer.name)
+                replacement = decompose_data_aware(
+                    module, method, rank, stats, variant=variant, options=options
+                )
+                noise = probe.noise(layer.name, replacement, start)
+                predicted = float(layer.curve[rank - 1])
+                if sensitivity == "probe":
+                    # Relative squared error of the output per unit of the layer's own.
+                    layer.sensitivity = noise / probe.signal / predicted if predicted > 0 else 0.0
+                elif predicted > 0:
+                    # Squared change of the final output per batch, as the gradient moments
+                    # count it.
+                    layer.sensitivity = noise / len(probe.batches) / predicted
+                bar.update()
+                del stats, replacement
+        bar.close()
         chosen = _lagrangian(layers, budget)
         logger.info("allocation round %d: %s", round_index + 1, chosen)
-    return chosen
+    return _in_order(names, chosen)
+
+
+def _in_order(names: Sequence[str], chosen: dict[str, int | None]) -> dict[str, int | None]:
+    """Every name in the given order; those left out (no gradient reaches them) dense."""
+    return {name: chosen.get(name) for name in names}
+
+
+StartAt = Callable[[], AbstractContextManager[Callable[[int], None]]]
+"""Starts the model at a block from its cached inputs (``stagecomp.blocks.starting_at``)."""
+
+
+class _Statistics:
+    """The statistics ``allocate_ranks`` reads, in groups: all at once, or block by block.
+
+    Each group comes with how to run the model from its block (``None``: from the start),
+    so measuring a layer's effect skips the blocks before it.
+    """
+
+    probes: int = GRADIENT_PROBES
+    progress: bool = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        batches: list[Any],
+        names: Sequence[str],
+        blocks: Sequence[str],
+        gradients: bool,
+        forward: Forward | None,
+        output: OutputFn | None,
+        mask: MaskFn | None,
+    ) -> None:
+        self.model, self.batches, self.names, self.blocks = model, batches, names, blocks
+        self.gradients, self.forward, self.output, self.mask = gradients, forward, output, mask
+
+    def groups(self) -> Iterator[tuple[StartAt | None, dict[str, LayerStatistics]]]:
+        if not self.blocks:
+            yield None, self._all()
+            return
+        for inputs, index, stats in sweep_statistics(
+            self.model,
+            self.batches,
+            self.names,
+            self.blocks,
+            gradients=self.gradients,
+            forward=self.forward,
+            output=self.output,
+            mask=self.mask,
+            probes=self.probes,
+            progress=self.progress,
+        ):
+            if index is None:
+                yield None, stats
+                continue
+            hidden = [h for h in inputs.hidden[index] if h is not None]
+            yield partial(starting_at, self.model, inputs, index, hidden), stats
+
+    def _all(self) -> dict[str, LayerStatistics]:
+        stats = collect_statistics(
+            self.model,
+            self.batches,
+            self.names,
+            forward=self.forward,
+            progress=self.progress,
+            mask=self.mask,
+        )
+        if self.gradients:
+            moments = collect_gradient_moments(
+                self.model,
+                self.batches,
+                self.names,
+                forward=self.forward,
+                output=self.output,
+                probes=self.probes,
+                progress=self.progress,
+                mask=self.mask,
+            )
+            for name, moment in moments.items():
+                stats[name].gradient_moment = moment
+        return stats
 
 
 def _layer_costs(
@@ -280,14 +390,23 @@ class _Probe:
             self.reference = [pick(run_batch(model, b, forward)).detach().double() for b in batches]
         self.signal = sum(float(r.square().sum()) for r in self.reference)
 
-    def noise(self, name: str, replacement: nn.Module) -> float:
-        """Squared change of the output, summed over the batches, with ``name`` replaced."""
+    def noise(self, name: str, replacement: nn.Module, start: StartAt | None = None) -> float:
+        """Squared change of the output, summed over the batches, with ``name`` replaced
+        (the model run from a block's cached inputs when ``start`` is given)."""
         original = get_module(self.model, name)
         replace_module(self.model, name, replacement)
         try:
-            with torch.no_grad(), eval_mode(self.model):
+            with (
+                torch.no_grad(),
+                eval_mode(self.model),
+                start() if start is not None else nullcontext(None) as select,
+            ):
                 total = 0.0
-                for batch, reference in zip(self.batches, self.reference, strict=True):
+                for index, (batch, reference) in enumerate(
+                    zip(self.batches, self.reference, strict=True)
+                ):
+                    if select is not None:
+                        select(index)
                     out = self.pick(run_batch(self.model, batch, self.forward)).double()
                     total += float((out - reference).square().sum())
                 return total
