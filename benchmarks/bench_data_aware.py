@@ -72,13 +72,15 @@ def _compress_encoder(
         "exclude": others,
         "layers_per_step": len(names) // 6,  # one transformer block per step
         "progress": False,
-        "calibration_forward": _st_forward,
     }
     if setting == "weight SVD":
         compressor = sc.Compressor(compressed, sc.Reduction(rate), **common)
     elif setting in ("whiten", "output", "gradient"):
         compressor = sc.Compressor(
-            compressed, sc.Reduction(rate), calibration=batches, data_aware=setting, **common
+            compressed,
+            sc.Reduction(rate),
+            calibration=sc.Calibration(batches, factors=setting, forward=_st_forward),
+            **common,
         )
     else:
         method = "svd_id" if setting == "allocated id" else "svd"
@@ -91,9 +93,12 @@ def _compress_encoder(
             "manual",
             ranks=ranks,
             methods={"*": method},
-            calibration=batches,
-            data_aware="whiten" if drift else "gradient",
-            correct_drift=drift,
+            calibration=sc.Calibration(
+                batches,
+                factors="whiten" if drift else "gradient",
+                forward=_st_forward,
+                correct_drift=drift,
+            ),
             **common,
         )
     while not compressor.done:
@@ -137,8 +142,7 @@ def _digits_compressed(
         compressed,
         sc.Reduction(rate),
         x[:1],
-        calibration=batches,
-        data_aware="whiten" if batches is not None else None,
+        calibration=None if batches is None else sc.Calibration(batches, factors="whiten"),
         layers_per_step=1,
         progress=False,
     )

@@ -155,7 +155,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=Path("stagecomp_run"))
-    parser.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the run saved in --out (its settings)"
+    )
     return parser.parse_args(argv)
 
 
@@ -181,23 +183,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if args.strategy == "vbmf"
         else sc.Reduction(rate=args.rate)
     )
-    compressor = sc.Compressor(
-        model,
-        strategy,
-        example,
-        exclude=args.exclude,
-        stages=args.stages,
-        layers_per_step=args.layers_per_step,
-    )
     state_file = args.out / "compressor.json"
     history: list[dict[str, Any]] = []
     if args.resume:
-        # The same Compressor arguments on a fresh model, then its saved state and weights.
-        compressor.load_state_dict(json.loads(state_file.read_text()))
-        load_model(model, str(args.out / "model.safetensors"), device=str(device))
+        # The saved state holds the run's settings: rebuild its Compressor on the fresh
+        # model (this replays the finished steps' structure), then load the weights.
+        state = json.loads(state_file.read_text())
+        compressor = sc.Compressor.from_state(model, state, example_input=example)
+        load_model(model, str(args.out / "stagecomp.safetensors"), device=str(device))
         history = json.loads((args.out / "history.json").read_text())
         print(f"resumed after step {compressor.step_index} of {compressor.total_steps}")
     else:
+        compressor = sc.Compressor(
+            model,
+            strategy,
+            example,
+            exclude=args.exclude,
+            stages=args.stages,
+            layers_per_step=args.layers_per_step,
+        )
         train_epochs(model, loader, args.pretrain_epochs, args.lr, device)
         history.append({"step": 0, "accuracy": evaluate(model, val_loader, device)})
         print(f"before compression: accuracy {history[0]['accuracy']:.2%}")

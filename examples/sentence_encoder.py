@@ -127,7 +127,7 @@ def compress(
     compressor = sc.Compressor(
         compressed,
         sc.Manual(rank=rank),
-        linear_method=method,
+        methods={"*": method},
         exclude=others,
         layers_per_step=len(targets) // 6,  # one transformer block per step
         progress=False,

@@ -1,4 +1,4 @@
-"""Train factorised models from scratch: dense vs CP vs Tucker2 vs TT layers on digits.
+"""Train factorised models from scratch: dense vs CP vs Tucker2 vs TT vs HT layers on digits.
 
 ``stagecomp.factorize`` replaces layers by low-rank ones built from shapes alone, with an
 initialisation under which each layer's effective weight has PyTorch's default
@@ -49,7 +49,8 @@ def build(variant: str, rate: float, seed: int) -> tuple[nn.Module, str]:
     model = DigitsCNN()
     if variant == "dense":
         return model, "all layers dense"
-    linear_method = "tt" if variant == "tt" else "svd"  # CP and Tucker2 apply to convolutions
+    # Methods with Linear layers (TT, HT) factorise fc1 too; CP and Tucker2 use SVD there.
+    linear_method = variant if "linear" in sc.get_method(variant).kinds else "svd"
     conv_ranks = ranks_at_rate(model, CONVS, variant, rate)
     linear_ranks = ranks_at_rate(model, LINEARS, linear_method, rate)
     sc.factorize(model, variant, conv_ranks)
@@ -79,7 +80,7 @@ def train(model: nn.Module, data: DigitsData, epochs: int, seed: int, lr: float 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variants", nargs="+", default=["dense", "cp3", "tucker2", "tt"])
+    parser.add_argument("--variants", nargs="+", default=["dense", "cp3", "tucker2", "tt", "ht"])
     parser.add_argument("--rate", type=float, default=4.0, help="parameter reduction per layer")
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--seed", type=int, default=0)

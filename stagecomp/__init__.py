@@ -35,6 +35,8 @@ from stagecomp.layer_shape import LayerShape
 from stagecomp.layers.base import DecomposedLayer, Rank
 from stagecomp.layers.cp3_conv2d import CP3Conv2d
 from stagecomp.layers.cp4_conv2d import CP4Conv2d
+from stagecomp.layers.ht_conv2d import HTConv2d
+from stagecomp.layers.ht_linear import HTLinear
 from stagecomp.layers.interpolative import InterpolativeLayer
 from stagecomp.layers.svd_conv2d import SVDConv2d
 from stagecomp.layers.svd_linear import SVDLinear
@@ -46,12 +48,14 @@ from stagecomp.methods import METHODS, get_method, register_method
 from stagecomp.methods.base import MethodHandler
 from stagecomp.options import DecomposeOptions
 from stagecomp.plan import Plan, PlannedLayer
+from stagecomp.pretrained import load_pretrained
 from stagecomp.serialization import load, save
 from stagecomp.stats import ModelStats, model_stats
 from stagecomp.strategies.base import RankRequest, RankStrategy
 from stagecomp.strategies.data_aware import DataAware, allocate_ranks
 from stagecomp.strategies.manual import Manual
 from stagecomp.strategies.reduction import Reduction
+from stagecomp.strategies.speedup import Speedup
 from stagecomp.strategies.vbmf import VBMF
 from stagecomp.version import __version__
 
@@ -67,6 +71,8 @@ __all__ = [
     "DecomposeOptions",
     "DecomposedLayer",
     "DistributedError",
+    "HTConv2d",
+    "HTLinear",
     "InterpolativeLayer",
     "LatencyAware",
     "LayerChange",
@@ -88,6 +94,7 @@ __all__ = [
     "Reduction",
     "SVDConv2d",
     "SVDLinear",
+    "Speedup",
     "StagecompError",
     "StepResult",
     "TTConv2d",
@@ -105,6 +112,7 @@ __all__ = [
     "fold_batchnorm",
     "get_method",
     "load",
+    "load_pretrained",
     "model_stats",
     "register_method",
     "registry",

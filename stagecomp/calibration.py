@@ -146,6 +146,16 @@ class _Accumulator:
                 f"layer {self.name!r} saw no input during calibration; "
                 "check that the batches run through it"
             )
+        for label, total in (("inputs", self.xx_sum), ("outputs", self.yy_sum)):
+            if total is not None and not bool(torch.isfinite(total).all()):
+                raise StagecompError(
+                    f"layer {self.name!r}: its calibration {label} hold NaN or infinity; "
+                    "check the calibration batches (and the layers before this one)"
+                )
+        if self.cross_sum is not None and not bool(torch.isfinite(self.cross_sum).all()):
+            raise StagecompError(
+                f"layer {self.name!r}: the reference model's inputs to it hold NaN or infinity"
+            )
         n = float(self.count)
         stats = LayerStatistics(self.count, self.xx_sum / n, self.x_sum / n)
         if self.yy_sum is not None and self.y_sum is not None:
@@ -359,6 +369,12 @@ def collect_gradient_moments(
     absent = [n for n in names if n not in sums]
     if absent:
         raise StagecompError(f"layers {absent} do not affect the model's output")
+    broken = [n for n in names if not bool(torch.isfinite(sums[n]).all())]
+    if broken:
+        raise StagecompError(
+            f"the output gradients at layers {broken} hold NaN or infinity; check the "
+            "calibration batches and the model's output on them"
+        )
     return {n: sums[n] / (batches_seen * probes) for n in names}
 
 

@@ -10,9 +10,11 @@ shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
@@ -29,7 +31,7 @@ from stagecomp.plan import build_plan
 from stagecomp.report import compressor_summary
 from stagecomp.report import format_count as _human
 from stagecomp.saved_report import format_saved_report
-from stagecomp.serialization import save
+from stagecomp.serialization import RECIPE_FILE, WEIGHTS_FILE, save
 from stagecomp.strategies.base import RankStrategy
 from stagecomp.strategies.manual import Manual
 from stagecomp.strategies.reduction import Reduction
@@ -168,7 +170,38 @@ def _count_targets(model: nn.Module, strategy: RankStrategy, common: dict[str, A
     return len(plan.targets)
 
 
+def _names_list(text: str) -> list[str]:
+    """``"conv1,fc"`` -> ``["conv1", "fc"]``: one flag may name several layers."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"{text!r} names no layer")
+    return names
+
+
+def _check_out(out: str, force: bool) -> None:
+    """Refuse an --out that cannot take the result before any work is done."""
+    folder = Path(out)
+    if folder.exists() and not folder.is_dir():
+        raise CLIError(f"--out {out!r} is an existing file; expected a folder (new or empty)")
+    saved = [name for name in (RECIPE_FILE, WEIGHTS_FILE) if (folder / name).exists()]
+    if saved and not force:
+        raise CLIError(
+            f"--out {out!r} already holds a saved model ({', '.join(saved)}); choose another "
+            "folder or pass --force to overwrite it"
+        )
+    parent = folder.resolve().parent
+    if not folder.exists() and not os.access(_existing_ancestor(parent), os.W_OK):
+        raise CLIError(f"--out {out!r}: cannot create a folder there (no write permission)")
+
+
+def _existing_ancestor(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def _compress(args: argparse.Namespace) -> int:
+    _check_out(args.out, args.force)
     _at_least_one("--threads", args.threads)
     strategy = _strategy(args)
     if args.input_size < 8:
@@ -230,8 +263,6 @@ def _compress(args: argparse.Namespace) -> int:
             )
     seconds = time.perf_counter() - started
     report = compressor.report()
-    print(report)
-    print(f"compression took {seconds:.1f} s (no fine-tuning)")
     summary = compressor_summary(compressor)
     extra = {
         "command": "stagecomp compress",
@@ -251,8 +282,10 @@ def _compress(args: argparse.Namespace) -> int:
     }
     folder = save(model, args.out, extra=extra)
     (folder / "report.txt").write_text(report + "\n")
+    print(report)
+    print(f"compression took {seconds:.1f} s (no fine-tuning)")
     classes = "" if args.num_classes is None else f", num_classes={args.num_classes}"
-    print(f"saved to {folder}/ (stagecomp.json, model.safetensors, report.txt)")
+    print(f"saved to {folder}/ (stagecomp.json, stagecomp.safetensors, report.txt)")
     print(
         "load it with: stagecomp.load(torchvision.models.get_model("
         f"{args.model!r}, weights=None{classes}), {str(folder)!r})"
@@ -408,9 +441,12 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument(
         "--exclude",
         action="extend",
-        nargs="+",
-        metavar="NAME",
-        help="layer names or patterns to leave alone ('fc', 'layer4.*', 're:...')",
+        type=_names_list,
+        metavar="NAME[,NAME...]",
+        help=(
+            "layer names or patterns to leave alone ('fc', 'layer4.*', 're:...'); repeat the "
+            "flag or separate names by commas: --exclude conv1 --exclude fc, --exclude conv1,fc"
+        ),
     )
     compress.add_argument(
         "--input-size",
@@ -443,6 +479,9 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument(
         "--out", required=True, metavar="DIR", help="folder to save the compressed model in"
     )
+    compress.add_argument(
+        "--force", action="store_true", help="overwrite a compressed model already saved in --out"
+    )
 
     report = _command(
         commands,
@@ -467,6 +506,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("stagecomp: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader of our output went away (``| head``): what was to be saved is saved.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
     except Exception as error:
         if args.debug:
             raise

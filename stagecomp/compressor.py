@@ -14,6 +14,7 @@ import logging
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -29,17 +30,20 @@ from stagecomp.options import DecomposeOptions
 from stagecomp.plan import LayerRank, Plan, PlannedLayer, build_plan, decomposable_layers
 from stagecomp.recipe import apply_recipe, model_recipe, undo_recipe
 from stagecomp.report import format_run_report
+from stagecomp.stage_preparation import check_model_strategies, prepare_stages
 from stagecomp.state import (
     STATE_FORMAT,
+    check_fresh,
     compressor_arguments,
     encode_rank,
+    read_progress,
     saved_config,
-    step_from_dict,
     step_to_dict,
 )
 from stagecomp.stats import ModelStats, model_stats
 from stagecomp.step_statistics import step_statistics, uses_statistics
 from stagecomp.strategies import (
+    RankStrategy,
     StrategyLike,
     needs_calibration,
     resolve_strategy,
@@ -48,9 +52,22 @@ from stagecomp.surgery import get_module, replace_module
 
 logger = logging.getLogger(__name__)
 
+MAX_STAGES = 1000
+"""Most global passes a run may plan: the plan lists every step of every stage."""
+
 
 class Compressor(metaclass=AcceptsLegacyArguments):
     """Compress a model in place, a few layers per step, over one or more global stages.
+
+    Only layers that compute the stock ``nn.Linear`` / ``nn.Conv2d`` function are
+    planned: a subclass with its own ``forward`` (quantisation-aware ``ConvBn2d``, a
+    weight-standardised convolution) is skipped with the reason in ``plan``, unless its
+    exact name is a key of ``methods=`` or ``ranks=`` (then it is replaced by a
+    factorisation of its ``weight``, which computes the stock function). Layers whose
+    weight is computed (parametrizations, ``weight_norm``) or whose state dict has hooks
+    are always skipped. Forward, pre-forward and backward hooks move to the new layer.
+    Each new layer keeps ``requires_grad`` per role: its factors as the old weight, its
+    bias as the old bias.
 
     Args:
         model: The model to compress; it is modified in place.
@@ -60,12 +77,14 @@ class Compressor(metaclass=AcceptsLegacyArguments):
         example_input: A batch the model accepts; used by fvcore to count MACs (for
             the report and ``order="macs"``) and to time layers (``latency_aware``).
         ranks: Per-layer overrides by name or pattern: an int or tuple (manual ranks),
-            a strategy object, or ``None`` to leave the layer alone.
+            a strategy object, or ``None`` to leave the layer alone. An exact name (with
+            a value other than ``None``) also opts in a layer with its own ``forward``.
         exclude: Names or patterns of layers never to touch.
         methods: Method by layer name or pattern (see ``stagecomp.METHODS``). A pattern
             sets the method of the layers it can decompose (``{"*": "cp3"}`` leaves
-            Linear layers to SVD); an exact name is taken as asked. Default: ``"svd"``
-            for Linear and 1x1 convolutions, ``"tucker2"`` for kxk convolutions.
+            Linear layers to SVD); an exact name is taken as asked, and opts in a layer
+            with its own ``forward``. Default: ``"svd"`` for Linear and 1x1
+            convolutions, ``"tucker2"`` for kxk convolutions.
         layers_per_step: Layers decomposed by each ``compression_step()``.
         stages: Global passes; a later pass compresses already-decomposed layers again.
         order: ``"model"`` (module order) or ``"macs"`` (most MACs first) within a pass.
@@ -81,7 +100,8 @@ class Compressor(metaclass=AcceptsLegacyArguments):
 
     Raises:
         StagecompError: a setting is invalid or two settings contradict each other
-            (each rule is checked here, before anything is decomposed).
+            (each rule is checked here, before anything is decomposed), or the model
+            does not run on ``example_input``.
         NoMatchingLayerError: a name or pattern matches no layer, or no layer can be
             compressed.
     """
@@ -107,6 +127,11 @@ class Compressor(metaclass=AcceptsLegacyArguments):
         for label, value in (("layers_per_step", layers_per_step), ("stages", stages)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise StagecompError(f"{label}={value!r} is not allowed; expected an integer >= 1")
+        if stages > MAX_STAGES:  # the plan lists every stage's steps
+            raise StagecompError(
+                f"stages={stages} is not allowed; expected at most {MAX_STAGES} (each stage "
+                "shrinks every layer a little more; far fewer already reach any rank)"
+            )
         _check_type("calibration", calibration, Calibration, "stagecomp.Calibration(batches)")
         _check_type("latency_aware", latency_aware, LatencyAware, "stagecomp.LatencyAware()")
         _check_type("options", options, DecomposeOptions, "stagecomp.DecomposeOptions()")
@@ -128,7 +153,7 @@ class Compressor(metaclass=AcceptsLegacyArguments):
         self._exclude = list(exclude)
         self._methods = dict(methods or {})
 
-        self._stats: ModelStats | None = self._count()
+        self._stats: ModelStats | None = self._count_example()
         self.original_stats = self._stats
         self.plan: Plan = build_plan(
             model,
@@ -143,8 +168,10 @@ class Compressor(metaclass=AcceptsLegacyArguments):
             order=order,
             layer_macs=self._stats.layer_macs if self._stats is not None else None,
             calibrated=calibration is not None,
+            example_input=example_input,
         )
         self._check_calibration_use()
+        check_model_strategies(self.plan, example_input)  # e.g. Speedup: needs the model's input
         self._reference = (
             copy.deepcopy(model) if calibration is not None and calibration.correct_drift else None
         )
@@ -160,6 +187,7 @@ class Compressor(metaclass=AcceptsLegacyArguments):
         self._context = JobContext(stages, self.options, latency)
         self.step_index = 0
         self.history: list[StepResult] = []
+        self._prepared_stages: set[int] = set()  # stages whole-model strategies were prepared for
 
     def _check_calibration_use(self) -> None:
         wanting = [t.name for t in self.targets if needs_calibration(t.strategy)]
@@ -172,7 +200,8 @@ class Compressor(metaclass=AcceptsLegacyArguments):
         if refine is not None:
             refine.check_model(self.model)
         elif self.calibration is not None and not any(uses_statistics(t) for t in self.targets):
-            notes = "; ".join(f"{t.name}: {t.note}" for t in self.targets if t.note)
+            noted = [t.name for t in self.targets if t.note]
+            notes = f"{_names(noted)}: no data-aware factors for their method" if noted else ""
             raise StagecompError(
                 "calibration was given, but no layer uses it: no target has data-aware "
                 f"factors{' (' + notes + ')' if notes else ''} and no strategy reads "
@@ -201,6 +230,26 @@ class Compressor(metaclass=AcceptsLegacyArguments):
         """True once the last planned step has run."""
         return self.step_index >= len(self.plan.steps)
 
+    def _count_example(self) -> ModelStats | None:
+        """MACs of the model as given; a bad ``example_input`` is named as the cause."""
+        try:
+            return self._count()
+        except MemoryError:
+            raise
+        except Exception as error:
+            given = self.example_input
+            described = (
+                f"a {given.dtype} tensor of shape {tuple(given.shape)} on {given.device}"
+                if isinstance(given, torch.Tensor)
+                else f"a {type(given).__name__}"
+            )
+            raise StagecompError(
+                f"example_input ({described}) does not run through the model "
+                f"({type(error).__name__}: {_first_line(error)}); expected a batch the model "
+                "accepts (a tensor, or a tuple of positional inputs) on the model's device "
+                "and in its dtype"
+            ) from error
+
     def _count(self) -> ModelStats | None:
         if self.example_input is None:
             return None
@@ -216,6 +265,11 @@ class Compressor(metaclass=AcceptsLegacyArguments):
 
         Raises:
             CompressionFinishedError: when all planned steps have run.
+            StagecompError: the model fails on ``example_input`` with the new layers in.
+
+        Whatever a step raises (``KeyboardInterrupt`` and ``MemoryError`` included), it
+        is one unit: every layer it swapped is put back, and ``history`` and
+        ``step_index`` are as before, so calling it again runs the same step.
         """
         if self.done:
             raise CompressionFinishedError(
@@ -227,6 +281,10 @@ class Compressor(metaclass=AcceptsLegacyArguments):
         chunk = self.plan.steps[self.step_index]
         desc = f"stagecomp step {step_number}/{self.total_steps}"
         params_before = sum(p.numel() for p in self.model.parameters())
+        prepare_stages(  # whole-model strategies (needs_model) size this step's new stages
+            self.model, self.example_input, self.plan, chunk, self._prepared_stages,
+            stages=self.stages, options=self.options, calibration=self.calibration,
+        )  # fmt: skip
         # Every rank calibrates the whole step on the same (unchanged) model, so the
         # statistics, and the factors computed from them, agree across ranks.
         statistics = step_statistics(
@@ -270,17 +328,47 @@ class Compressor(metaclass=AcceptsLegacyArguments):
                     progress=self.progress,
                     distributed=use_distributed(self.distributed),
                 )
-            after = self._count()
+            after = self._count_checked(f"step {step_number}: with the new layers in place")
+            result = self._step_result(step_number, changes, replaced, params_before, after)
         except BaseException:
+            # Everything a step does is one unit: put back every layer it swapped, last
+            # first (a layer twice in one step gets its module from before the step).
             for name, old in reversed(swapped):
                 replace_module(self.model, name, old)
             raise
+        self._stats = after
+        self.history.append(result)
+        self.step_index += 1
+        return result
+
+    def _count_checked(self, when: str) -> ModelStats | None:
+        """MACs of the model with new layers in place, or an error the caller rolls back."""
+        try:
+            return self._count()
+        except MemoryError:
+            raise
+        except Exception as error:
+            raise StagecompError(
+                f"{when}, the model fails on example_input ({type(error).__name__}: "
+                f"{_first_line(error)}); the model was put back as it was. Did the model "
+                "change device or dtype since example_input was given, or does a module "
+                "read a replaced layer's .weight directly (exclude that layer)?"
+            ) from error
+
+    def _step_result(
+        self,
+        step_number: int,
+        changes: list[LayerChange],
+        replaced: dict[str, nn.Module],
+        params_before: int,
+        after: ModelStats | None,
+    ) -> StepResult:
         before = self._stats
         for change in changes:
             if before is not None and after is not None:
                 change.macs_before = before.layer_macs.get(change.name)
                 change.macs_after = after.layer_macs.get(change.name)
-        result = StepResult(
+        return StepResult(
             step=step_number,
             changes=changes,
             replaced=replaced,
@@ -289,10 +377,6 @@ class Compressor(metaclass=AcceptsLegacyArguments):
             params_before=params_before,
             params_after=sum(p.numel() for p in self.model.parameters()),
         )
-        self._stats = after
-        self.history.append(result)
-        self.step_index += 1
-        return result
 
     def _local_step(
         self,
@@ -312,7 +396,9 @@ class Compressor(metaclass=AcceptsLegacyArguments):
                 change, new = job(stage, target)
                 changes.append(change)
                 if new is not None:
-                    swapped.append((target.name, replace_module(self.model, target.name, new)))
+                    # Recorded before the swap, so an interruption during it is undone too.
+                    swapped.append((target.name, get_module(self.model, target.name)))
+                    replace_module(self.model, target.name, new)
                     replaced[target.name] = new
         finally:
             bar.close()
@@ -376,13 +462,15 @@ class Compressor(metaclass=AcceptsLegacyArguments):
         example_input: Any = None,
         calibration: Calibration | Iterable[Any] | None = None,
         latency_aware: LatencyAware | None = None,
+        strategy: RankStrategy | None = None,
         progress: bool = True,
     ) -> Compressor:
         """The Compressor of a saved run, rebuilt on a freshly built ``model`` and resumed.
 
         Every setting comes from ``state``; only what cannot be saved is given again:
         the example input, the calibration batches (or a ``Calibration`` when the run
-        used custom ``forward=``/``output=`` functions) and an injected latency timer.
+        used custom ``forward=``/``output=`` functions), an injected latency timer, and a
+        strategy of your own (the built-in ones are rebuilt from the state).
         Then load the saved weights with ``model.load_state_dict``.
 
         Raises:
@@ -394,8 +482,17 @@ class Compressor(metaclass=AcceptsLegacyArguments):
             example_input=example_input,
             calibration=calibration,
             latency_aware=latency_aware,
+            strategy=strategy,
         )
-        compressor = cls(model, progress=progress, **arguments)
+        try:
+            compressor = cls(model, progress=progress, **arguments)
+        except RecipeError:
+            raise
+        except Exception as error:  # the saved settings do not fit this model
+            raise RecipeError(
+                "the saved run's settings do not build a Compressor on this model "
+                f"({type(error).__name__}: {_first_line(error)})"
+            ) from error
         compressor.load_state_dict(state)
         return compressor
 
@@ -406,7 +503,8 @@ class Compressor(metaclass=AcceptsLegacyArguments):
         state alone), call this, then ``model.load_state_dict(saved_model_weights)``.
         Everything is checked before the model is changed.
         """
-        if not isinstance(state, Mapping) or state.get("format") not in (1, STATE_FORMAT):
+        fmt = state.get("format") if isinstance(state, Mapping) else None
+        if type(fmt) is not int or fmt not in (1, STATE_FORMAT):
             found = state.get("format") if isinstance(state, Mapping) else type(state).__name__
             raise RecipeError(
                 f"compressor state format {found!r} is not supported "
@@ -423,27 +521,18 @@ class Compressor(metaclass=AcceptsLegacyArguments):
                 "order, methods, stages or layers_per_step); build the Compressor with the "
                 "same arguments as the interrupted run, or use Compressor.from_state"
             )
+        steps = [[(stage, t.name) for stage, t in step] for step in self.plan.steps]
+        progress = read_progress(state, steps)
+        check_fresh(self.model, progress)
+        replaced = apply_recipe(self.model, progress.recipe, self.options)
         try:
-            step_index = int(state["step_index"])
-            recipe = dict(state["recipe"])
-            history = [step_from_dict(r) for r in state.get("history", [])]
-        except (KeyError, TypeError, ValueError, AttributeError) as error:
-            raise RecipeError(f"the saved compressor state is damaged: {error!r}") from None
-        if not 0 <= step_index <= len(self.plan.steps):
-            raise RecipeError(f"saved step_index {step_index} is outside 0..{len(self.plan.steps)}")
-        if len(history) != step_index:
-            raise RecipeError(
-                f"the saved state has {len(history)} steps of history for step_index "
-                f"{step_index}; expected one per finished step"
-            )
-        replaced = apply_recipe(self.model, recipe, self.options)
-        try:
-            self._stats = self._count()
+            stats = self._count_checked(f"after rebuilding the {progress.step_index} saved steps")
         except BaseException:
             undo_recipe(self.model, replaced)
             raise
-        self.history = history
-        self.step_index = step_index
+        self._stats = stats
+        self.history = progress.history
+        self.step_index = progress.step_index
 
 
 def _check_type(label: str, value: object, expected: type, example: str) -> None:
@@ -451,6 +540,11 @@ def _check_type(label: str, value: object, expected: type, example: str) -> None
         raise StagecompError(
             f"{label}={type(value).__name__} is not allowed; expected {example} or None"
         )
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _names(names: Sequence[str]) -> str:

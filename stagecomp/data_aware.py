@@ -16,7 +16,7 @@ from stagecomp.calibration import LayerStatistics
 from stagecomp.decompositions.data_aware import CORRECTION_DAMPING, DEFAULT_DAMPING
 from stagecomp.errors import StagecompError, UnsupportedLayerError
 from stagecomp.layer_shape import LayerShape
-from stagecomp.layers.base import DecomposedLayer, Rank, describe
+from stagecomp.layers.base import DecomposedLayer, Rank, describe, factorisation_failed
 from stagecomp.methods import METHODS, get_method
 from stagecomp.methods.svd_family import output_error_curve
 from stagecomp.options import DecomposeOptions
@@ -108,10 +108,14 @@ def decompose_data_aware(
             f"{variant!r}; expected one of {handler.data_aware_variants}"
         )
     ranks = cls.normalize_rank(shape, rank, options, name)
-    layer = handler.data_aware_layer(
-        module, shape, ranks, statistics, variant, options, name, damping, correction_damping
-    )
-    return layer.matched_to(_reference(module), module.training)
+    reference = _reference(module)
+    try:
+        layer = handler.data_aware_layer(
+            module, shape, ranks, statistics, variant, options, name, damping, correction_damping
+        )
+    except torch.linalg.LinAlgError as error:
+        raise factorisation_failed(shape, name, reference, error) from None
+    return layer.matched_to(module, name)
 
 
 __all__ = [

@@ -25,8 +25,9 @@ def decompose(
         module: An nn.Linear, nn.Conv2d or a layer stagecomp already decomposed.
         method: One of ``stagecomp.METHODS`` (what each does: ``stagecomp.methods``).
         rank: One int (a cap on every rank of the method) or one int per rank:
-            ``(r_out, r_in)`` for Tucker2, the TT bond ranks for TT.
-        options: Algorithm settings (seed, solver, iterations, TT modes).
+            ``(r_out, r_in)`` for Tucker2, the TT bond ranks for TT, the HT edge ranks
+            for HT (``stagecomp.decompositions.ht`` gives their order).
+        options: Algorithm settings (seed, solver, iterations, TT and HT modes).
         name: The layer's name in the model, used in error messages.
 
     Returns:

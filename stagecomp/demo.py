@@ -27,7 +27,7 @@ from stagecomp.report import compressor_summary
 from stagecomp.serialization import save
 from stagecomp.stats import model_stats
 from stagecomp.strategies.reduction import Reduction
-from stagecomp.timing import forward_latency
+from stagecomp.timing import speed_ratio
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +89,8 @@ def run_demo(
             is already tiny and which costs accuracy for almost no MACs.
         threads: Torch CPU threads during the run (restored after); results depend
             on it, so the default of 1 gives the same numbers everywhere.
-        latency_repeats: Timed forward passes per row (median taken).
+        latency_repeats: Rounds of interleaved forward passes, original and compressed,
+            per row (the ratio of the medians is the row's speed-up).
         on_row: Called with each row as soon as it is measured (for live printing).
     """
     settings: dict[str, object] = {
@@ -113,7 +114,6 @@ def run_demo(
         original = copy.deepcopy(model).eval()
         example = data.test_x[:1]
         batch = data.test_x[:256]
-        base_latency = forward_latency(original, batch, repeats=latency_repeats)
         base = model_stats(original, example)
         rows = [DemoRow("original", accuracy(model, data), base.params, base.macs, 1.0)]
         if on_row is not None:
@@ -133,7 +133,7 @@ def run_demo(
             train(model, data, epochs=finetune_epochs, lr=1e-3, seed=seed + result.step)
             stats = model_stats(model, example)
             model.eval()
-            ratio = base_latency / forward_latency(model, batch, repeats=latency_repeats)
+            ratio = speed_ratio(original, model, batch, rounds=latency_repeats)
             row = DemoRow(
                 f"step {result.step}", accuracy(model, data), stats.params, stats.macs, ratio
             )

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from stagecomp.changes import LayerChange
 from stagecomp.errors import DistributedError, StagecompError
 from stagecomp.layer_shape import LayerShape
+from stagecomp.layers.base import DecomposedLayer
 from stagecomp.options import DecomposeOptions
 from stagecomp.recipe import apply_recipe, layer_entry, undo_recipe
 from stagecomp.surgery import get_module, replace_module
@@ -205,99 +206,112 @@ def shared_step(
     owner_of_first = assign_layers(costs, world)
     owners = [owner_of_first[first[name]] for name in names]
 
-    local: dict[int, tuple[dict[str, Any], dict[str, Any] | None, list[str]]] = {}
     replaced_here: list[tuple[str, nn.Module, nn.Module]] = []
-    error: tuple[str, str] | None = None
-    local_error: Exception | None = None
-    mine = [i for i, o in enumerate(owners) if o == rank]
-    bar = tqdm(mine, desc=f"{desc} (rank {rank})", disable=not progress, leave=False)
-    try:
-        for index in bar:
-            stage, target = chunk[index]
-            bar.set_postfix_str(target.name, refresh=False)
-            try:
-                change, new = compress(stage, target)
-            except Exception as exc:
-                error = (target.name, f"{type(exc).__name__}: {exc}")
-                for name, old, _ in reversed(replaced_here):
-                    replace_module(model, name, old)
-                replaced_here.clear()
-                local_error = exc
-                break
-            entry, signature = None, []
-            if new is not None:
-                replaced_here.append((target.name, replace_module(model, target.name, new), new))
-                entry, signature = layer_entry(new), _signature(new)  # type: ignore[arg-type]
-            local[index] = (change.to_dict(), entry, signature)
-    finally:
-        bar.close()
-
-    # Every rank reports, even a failed one, so no rank waits forever for another.
-    report = {"error": error, "local": local}
-    gathered: list[Any] = [None] * world
-    dist.all_gather_object(gathered, report, group=group)
-    failures = [(r, g["error"]) for r, g in enumerate(gathered) if g["error"] is not None]
-    if failures:
-        for name, old, _ in reversed(replaced_here):
-            replace_module(model, name, old)
-        if local_error is not None:
-            raise local_error
-        failed_rank, (layer, message) = failures[0]
-        raise DistributedError(
-            f"step {step} failed on rank {failed_rank} at layer {layer!r}: {message}; "
-            "every rank left its model as it was before the step"
-        )
-
-    # Owners' results, in plan order.
-    results: list[tuple[dict[str, Any], dict[str, Any] | None, list[str]]] = [
-        gathered[owners[i]]["local"][i] for i in range(len(chunk))
-    ]
-    # The last new module of each layer is what the model holds after the step.
-    final_index = {name: i for i, name in enumerate(names) if results[i][1] is not None}
     built: list[tuple[str, nn.Module]] = []
     try:
+        local: dict[int, tuple[dict[str, Any], dict[str, Any] | None, list[str]]] = {}
+        error: tuple[str, str] | None = None
+        local_error: Exception | None = None
+        mine = [i for i, o in enumerate(owners) if o == rank]
+        bar = tqdm(mine, desc=f"{desc} (rank {rank})", disable=not progress, leave=False)
+        try:
+            for index in bar:
+                stage, target = chunk[index]
+                bar.set_postfix_str(target.name, refresh=False)
+                try:
+                    change, new = compress(stage, target)
+                except Exception as exc:
+                    error = (target.name, f"{type(exc).__name__}: {exc}")
+                    for name, old, _ in reversed(replaced_here):
+                        replace_module(model, name, old)
+                    replaced_here.clear()
+                    local_error = exc
+                    break
+                entry, signature = None, []
+                if new is not None:
+                    replaced_here.append(
+                        (target.name, replace_module(model, target.name, new), new)
+                    )
+                    entry, signature = layer_entry(new), _signature(new)  # type: ignore[arg-type]
+                local[index] = (change.to_dict(), entry, signature)
+        finally:
+            bar.close()
+
+        # Every rank reports, even a failed one, so no rank waits forever for another.
+        report = {"error": error, "local": local}
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, report, group=group)
+        failures = [(r, g["error"]) for r, g in enumerate(gathered) if g["error"] is not None]
+        if failures:
+            for name, old, _ in reversed(replaced_here):
+                replace_module(model, name, old)
+            if local_error is not None:
+                raise local_error
+            failed_rank, (layer, message) = failures[0]
+            raise DistributedError(
+                f"step {step} failed on rank {failed_rank} at layer {layer!r}: {message}; "
+                "every rank left its model as it was before the step"
+            )
+
+        # Owners' results, in plan order.
+        results: list[tuple[dict[str, Any], dict[str, Any] | None, list[str]]] = [
+            gathered[owners[i]]["local"][i] for i in range(len(chunk))
+        ]
+        # The last new module of each layer is what the model holds after the step.
+        final_index = {name: i for i, name in enumerate(names) if results[i][1] is not None}
+        try:
+            for name, index in final_index.items():
+                _, entry, signature = results[index]
+                if entry is None or owners[index] == rank:
+                    continue
+                built += _build_from_entry(model, name, entry, options)
+                if _signature(get_module(model, name)) != signature:
+                    raise DistributedError(
+                        f"layer {name!r} built from its recipe has tensors "
+                        f"{_signature(get_module(model, name))}, but rank {owners[index]} "
+                        f"computed {signature}; expected the same names, shapes and dtypes"
+                    )
+            build_error = None
+        except StagecompError as exc:
+            undo_recipe(model, built)
+            built = []
+            build_error = f"{type(exc).__name__}: {exc}"
+        errors: list[Any] = [None] * world
+        dist.all_gather_object(errors, build_error, group=group)
+        if any(e is not None for e in errors):
+            undo_recipe(model, built)
+            for name, old, _ in reversed(replaced_here):
+                replace_module(model, name, old)
+            failed = next(r for r, e in enumerate(errors) if e is not None)
+            raise DistributedError(
+                f"step {step}: rank {failed} could not rebuild a layer from its recipe: "
+                f"{errors[failed]}; every rank left its model as it was before the step"
+            )
+
         for name, index in final_index.items():
-            _, entry, signature = results[index]
-            if entry is None or owners[index] == rank:
-                continue
-            built += _build_from_entry(model, name, entry, options)
-            if _signature(get_module(model, name)) != signature:
-                raise DistributedError(
-                    f"layer {name!r} built from its recipe has tensors "
-                    f"{_signature(get_module(model, name))}, but rank {owners[index]} "
-                    f"computed {signature}; expected the same names, shapes and dtypes"
-                )
-        build_error = None
-    except StagecompError as exc:
-        undo_recipe(model, built)
-        built = []
-        build_error = f"{type(exc).__name__}: {exc}"
-    errors: list[Any] = [None] * world
-    dist.all_gather_object(errors, build_error, group=group)
-    if any(e is not None for e in errors):
+            tensors = list(get_module(model, name).state_dict().values())
+            _broadcast_tensors(tensors, owners[index], group)
+
+        # Old and new module per replaced layer: the module before the step, the one after.
+        replaced: dict[str, tuple[nn.Module, nn.Module]] = {}
+        originals = {name: old for name, old in built}
+        for name, old, _ in replaced_here:
+            originals.setdefault(name, old)
+        for name in final_index:
+            replaced[name] = (originals[name], get_module(model, name))
+        changes = [LayerChange.from_dict(change) for change, _, _ in results]
+        logger.debug(
+            "step %d: rank %d decomposed %d of %d layers", step, rank, len(mine), len(chunk)
+        )
+        return changes, replaced
+    except BaseException:
+        # Whatever fails (a KeyboardInterrupt while receiving tensors too), the step is
+        # one unit: put back every layer this rank swapped. Putting a module back is
+        # idempotent, so the paths above that already did it are not hurt.
         undo_recipe(model, built)
         for name, old, _ in reversed(replaced_here):
             replace_module(model, name, old)
-        failed = next(r for r, e in enumerate(errors) if e is not None)
-        raise DistributedError(
-            f"step {step}: rank {failed} could not rebuild a layer from its recipe: "
-            f"{errors[failed]}; every rank left its model as it was before the step"
-        )
-
-    for name, index in final_index.items():
-        tensors = list(get_module(model, name).state_dict().values())
-        _broadcast_tensors(tensors, owners[index], group)
-
-    # Old and new module per replaced layer: the module before the step, the one after.
-    replaced: dict[str, tuple[nn.Module, nn.Module]] = {}
-    originals = {name: old for name, old in built}
-    for name, old, _ in replaced_here:
-        originals.setdefault(name, old)
-    for name in final_index:
-        replaced[name] = (originals[name], get_module(model, name))
-    changes = [LayerChange.from_dict(change) for change, _, _ in results]
-    logger.debug("step %d: rank %d decomposed %d of %d layers", step, rank, len(mine), len(chunk))
-    return changes, replaced
+        raise
 
 
 def _signature(module: nn.Module) -> list[str]:
@@ -310,10 +324,10 @@ def _build_from_entry(
 ) -> list[tuple[str, nn.Module]]:
     """Replace ``name`` by an empty layer of ``entry``, matched to the module it replaces."""
     old = get_module(model, name)
-    reference = next(old.parameters(), None)
     built = apply_recipe(model, {name: entry}, options)
-    if reference is not None:
-        get_module(model, name).requires_grad_(reference.requires_grad)
+    new = get_module(model, name)
+    if isinstance(new, DecomposedLayer):
+        new.take_requires_grad(old)
     return built
 
 

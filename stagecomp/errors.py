@@ -25,7 +25,8 @@ class UnknownMethodError(StagecompError, ValueError):
 
 
 class NonFiniteWeightError(StagecompError, ValueError):
-    """The layer's weights contain NaN or infinity, so no factorisation is meaningful."""
+    """The layer's weights contain NaN or infinity, so no factorisation is meaningful, or are
+    so large (near the dtype's maximum) that its factors would not be finite."""
 
 
 class NoMatchingLayerError(StagecompError, ValueError):

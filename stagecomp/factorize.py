@@ -76,7 +76,8 @@ def factorize(
     Args:
         model: Modified in place.
         method: One of ``stagecomp.METHODS`` (what each does: ``stagecomp.methods``).
-        rank: One int (a cap on every rank), one int per rank, or a mapping from
+        rank: One int (a cap on every rank: above a layer's full rank it means full
+            rank), one int per rank, or a mapping from
             layer names or patterns to such ranks. With a mapping and no
             ``targets``, the mapping's keys choose the layers.
         targets: Names or patterns (``"features.*"``, ``"re:..."``) of the layers to
@@ -133,6 +134,7 @@ def factorize(
                 )
             layer_rank = value
         weight = cast(torch.Tensor, module.weight)
+        layer_rank = layer_class(method, shape, name).cap_rank(shape, layer_rank, options)
         layer = empty_layer(
             shape,
             method,
@@ -143,7 +145,7 @@ def factorize(
             dtype=weight.dtype,
         )
         layer.train(module.training)
-        layer.requires_grad_(weight.requires_grad)
+        layer.take_requires_grad(module)
         planned.append((name, layer))
     if not planned:
         raise StagecompError(

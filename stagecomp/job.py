@@ -18,12 +18,14 @@ from stagecomp.changes import LayerChange
 from stagecomp.data_aware import decompose_data_aware
 from stagecomp.errors import UnsupportedLayerError
 from stagecomp.latency_aware import LatencyChooser
+from stagecomp.layer_kinds import plain_weight
 from stagecomp.layer_shape import LayerShape
 from stagecomp.layers.base import DecomposedLayer
 from stagecomp.methods import get_method, layer_class
 from stagecomp.options import DecomposeOptions
+from stagecomp.plain_layers import fixed_code
 from stagecomp.plan import WEIGHT, PlannedLayer
-from stagecomp.strategies import RankRequest, allows_growth
+from stagecomp.strategies import RankRequest, allows_growth, method_pick
 
 _ERROR_ROWS = 256
 
@@ -61,13 +63,21 @@ def run_layer_job(
     shape = LayerShape.from_module(module, name)
     params_before = sum(p.numel() for p in module.parameters())
     change = LayerChange(step, stage, name, target.method, None, params_before, params_before)
+    obstacle = fixed_code(module)  # a parametrization or state-dict hook added since the plan
+    if obstacle is not None:
+        change.skipped = obstacle
+        return change, None
     grow = allows_growth(target.strategy)
+    picked = method_pick(target.strategy, name, stage)  # a whole-model strategy picks the method
+    if picked is not None and picked.method is None:
+        change.skipped = picked.reason
+        return change, None
     if context.latency is None:
-        method = target.method
+        method = picked.method if picked is not None and picked.method else target.method
         ranks = _ranks(module, shape, method, target, stage, context, statistics)
     else:
         proposals = []
-        pinned = target.method if target.pinned else None
+        pinned = picked.method if picked is not None else target.method if target.pinned else None
         for candidate in context.latency.candidate_methods(shape, pinned):
             try:
                 proposals.append(
@@ -95,6 +105,9 @@ def run_layer_job(
         change.skipped = (
             f"ranks {ranks} would not reduce parameters ({new_params} >= {params_before})"
         )
+        hint = getattr(target.strategy, "full_rank_hint", None)
+        if hint and ranks == cls.full_rank(shape, context.options):
+            change.skipped = hint
         return change, None
     new, change.factors = _build(module, shape, method, ranks, target, context, statistics)
     change.params_after = sum(p.numel() for p in new.parameters())
@@ -158,9 +171,9 @@ def weight_error(old: nn.Module, new: DecomposedLayer) -> float:
     dense copy of the approximation, not two double-precision copies.
     """
     with torch.no_grad():
-        weight = old.dense_weight() if isinstance(old, DecomposedLayer) else old.weight
-        if not isinstance(weight, torch.Tensor):
+        if not isinstance(old, DecomposedLayer) and not isinstance(old.weight, torch.Tensor):
             return float("nan")
+        weight = old.dense_weight() if isinstance(old, DecomposedLayer) else plain_weight(old)
         reference = weight.detach().reshape(weight.shape[0], -1)
         approx = new.dense_weight().detach().reshape(reference.shape)
         error = norm = 0.0

@@ -25,6 +25,7 @@ from torch import nn
 
 from stagecomp.decompose import empty_layer
 from stagecomp.errors import StagecompError
+from stagecomp.example_input import caches_off, call_model
 from stagecomp.layer_shape import LayerShape
 from stagecomp.memory_format import to_channels_last
 from stagecomp.methods import check_method, layer_class, methods_for
@@ -72,9 +73,10 @@ class LatencyAware:
     Attributes:
         methods: Candidate methods; ``None`` tries every method that applies to the layer.
             A layer whose method is pinned by the Compressor's ``methods=`` tries only that.
-        round_to: Also try each rank rounded up to a multiple of this (vector width,
-            tile size); rounding up never loses accuracy against the strategy's ranks, and
-            is kept only when it is faster and still has fewer parameters. ``None`` skips it.
+        round_to: Also try each rank rounded up to a multiple of this and of twice this
+            (vector width, tile size); rounding up never loses accuracy against the
+            strategy's ranks, and is kept only when it is faster and still has fewer
+            parameters. ``None`` skips it.
         min_speedup: A candidate replaces the layer only when it is at least this many
             times faster. The default 1.0 takes any measured gain, so the result is never
             slower than the plain pass (whose choice is among the candidates when its
@@ -204,9 +206,8 @@ def layer_inputs(
         if name in wanted:
             handles.append(module.register_forward_pre_hook(hook_for(name)))
     try:
-        with eval_mode(model), torch.no_grad():
-            inputs = example_input if isinstance(example_input, tuple) else (example_input,)
-            model(*inputs)
+        with eval_mode(model), torch.no_grad(), caches_off(model):
+            call_model(model, example_input)
     finally:
         for handle in handles:
             handle.remove()
@@ -220,10 +221,22 @@ class LatencyChooser:
     a ResNet or a VGG are timed once.
     """
 
-    def __init__(self, config: LatencyAware, inputs: dict[str, LayerInput]) -> None:
+    def __init__(
+        self,
+        config: LatencyAware,
+        inputs: dict[str, LayerInput],
+        cache: dict[tuple[Any, ...], float] | None = None,
+    ) -> None:
+        """
+        Args:
+            config: The settings.
+            inputs: Each layer's input (``layer_inputs``).
+            cache: Measured seconds by geometry, to share with other choosers (timings
+                of one process on one machine stay valid); default: a new one.
+        """
         self.config = config
         self.inputs = inputs
-        self._cache: dict[tuple[Any, ...], float] = {}
+        self._cache: dict[tuple[Any, ...], float] = {} if cache is None else cache
 
     def candidate_methods(self, shape: LayerShape, pinned: str | None) -> tuple[str, ...]:
         """The methods to try on a layer of ``shape`` (only ``pinned`` when one is named)."""
@@ -258,12 +271,12 @@ class LatencyChooser:
             input_shape = (self.config.batch_size, *input_shape[1:])
         current_params = sum(p.numel() for p in module.parameters())
         current = Candidate(name, CURRENT, None, shape, input_shape, current_params, channels_last)
-        current_s = self._time(current, module, options)
+        current_s = self.time(current, module, options)
         timings: list[tuple[Candidate, float]] = [(current, current_s)]
         for candidate in self._candidates(
             module, shape, proposals, options, current, allows_growth
         ):
-            timings.append((candidate, self._time(candidate, module, options)))
+            timings.append((candidate, self.time(candidate, module, options)))
         best: tuple[Candidate, float] | None = None
         for candidate, seconds in timings[1:]:
             # Strictly faster wins; on a tie the earlier (unrounded, preferred) one stays.
@@ -308,9 +321,12 @@ class LatencyChooser:
             cls = layer_class(method, shape, current.name)
             variants = [ranks]
             if self.config.round_to is not None:
-                rounded = round_up_ranks(ranks, cls.full_rank(shape, options), self.config.round_to)
-                if rounded is not None:
-                    variants.append(rounded)
+                # The vector width and twice it: AVX-512 and tensor-core tiles work in 16s.
+                full = cls.full_rank(shape, options)
+                for multiple in (self.config.round_to, 2 * self.config.round_to):
+                    rounded = round_up_ranks(ranks, full, multiple)
+                    if rounded is not None and rounded not in variants:
+                        variants.append(rounded)
             for variant in variants:
                 if isinstance(module, cls) and module.ranks == variant:
                     continue  # that is the layer as it is
@@ -330,8 +346,12 @@ class LatencyChooser:
                 )
         return found
 
-    def _time(self, candidate: Candidate, module: nn.Module, options: DecomposeOptions) -> float:
-        """Seconds of ``candidate`` on ``module``'s device and dtype (cached)."""
+    def time(self, candidate: Candidate, module: nn.Module, options: DecomposeOptions) -> float:
+        """Seconds of ``candidate`` on ``module``'s device and dtype (cached per geometry).
+
+        ``module`` is the layer as it is (timed itself for ``CURRENT``); it only lends its
+        device and dtype to the other candidates, which are built from their structure.
+        """
         if self.config.timer is not None:
             return float(self.config.timer(candidate))
         device, dtype = _device_dtype(module)

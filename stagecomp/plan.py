@@ -8,21 +8,24 @@ or in ``skipped`` with the reason.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from torch import nn
 
 from stagecomp.errors import NoMatchingLayerError, StagecompError, UnsupportedLayerError
+from stagecomp.layer_kinds import is_plain_layer, unsupported_reason
 from stagecomp.layer_shape import LayerShape
 from stagecomp.layers.base import DecomposedLayer, Rank
 from stagecomp.matching import check_keys, key_matches, lookup, select
 from stagecomp.methods import check_method, default_method, get_method
 from stagecomp.options import DecomposeOptions
+from stagecomp.plain_layers import OPT_IN, custom_code, fixed_code
 from stagecomp.report import format_plan
 from stagecomp.strategies import Manual, RankStrategy, unavailable_reason
 from stagecomp.strategies.reduction import rank_at_step
+from stagecomp.weight_reads import NOT_CHECKED, output_heads, weights_read_elsewhere
 
 LayerRank = Rank | RankStrategy | None
 """A ``ranks=`` value: manual ranks, a strategy for that layer, or ``None`` to leave it."""
@@ -74,11 +77,13 @@ class Plan:
         targets: The layers to compress, in the order of one stage.
         skipped: Every other decomposable layer, with the reason.
         steps: Per step, the ``(stage, layer)`` pairs it compresses.
+        remarks: Checks the plan could not make (e.g. weight reads, without example_input).
     """
 
     targets: tuple[PlannedLayer, ...]
     skipped: Mapping[str, str]
     steps: tuple[tuple[tuple[int, PlannedLayer], ...], ...]
+    remarks: tuple[str, ...] = ()
 
     def signature(self) -> list[list[list[Any]]]:
         """``[[stage, name, method], ...]`` per step: what must match to resume a run."""
@@ -89,28 +94,50 @@ class Plan:
             "targets": [t.to_dict() for t in self.targets],
             "skipped": dict(self.skipped),
             "steps": self.signature(),
+            "remarks": list(self.remarks),
         }
 
     def __str__(self) -> str:
-        return format_plan(
+        text = format_plan(
             [[(stage, t.name, t.method, t.factors) for stage, t in step] for step in self.steps],
             {t.name: t.note for t in self.targets if t.note},
             self.skipped,
         )
+        return "\n".join([text, *(f"note: {r}" for r in self.remarks)])
 
 
-def decomposable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Every Linear, Conv2d and decomposed layer, not counting the insides of decomposed ones."""
-    found: list[tuple[str, nn.Module]] = []
+def _outside_decomposed(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Every named module except the insides of decomposed layers (their factors are not
+    layers of the user's model)."""
     inside: list[str] = []
     for name, module in model.named_modules():
-        if any(name.startswith(prefix + ".") for prefix in inside):
+        if not name or any(name.startswith(prefix + ".") for prefix in inside):
             continue
         if isinstance(module, DecomposedLayer):
             inside.append(name)
-            found.append((name, module))
-        elif isinstance(module, (nn.Linear, nn.Conv2d)) and name:
-            found.append((name, module))
+        yield name, module
+
+
+def decomposable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every Linear, Conv2d, Conv1d, Hugging Face Conv1D and decomposed layer, not counting
+    the insides of decomposed ones."""
+    return [
+        (name, module)
+        for name, module in _outside_decomposed(model)
+        if isinstance(module, DecomposedLayer) or is_plain_layer(module)
+    ]
+
+
+def unsupported_layers(model: nn.Module) -> dict[str, str]:
+    """Layers with weights stagecomp does not decompose (Conv3d, Embedding ...), with the reason,
+    so that the plan lists them instead of skipping them silently."""
+    found: dict[str, str] = {}
+    for name, module in _outside_decomposed(model):
+        if isinstance(module, DecomposedLayer) or is_plain_layer(module):
+            continue
+        reason = unsupported_reason(module)
+        if reason is not None:
+            found[name] = reason
     return found
 
 
@@ -171,6 +198,7 @@ def build_plan(
     order: str,
     layer_macs: Mapping[str, int] | None,
     calibrated: bool,
+    example_input: Any = None,
 ) -> Plan:
     """The plan for ``model`` under these settings (see ``Compressor`` for their meaning).
 
@@ -196,10 +224,22 @@ def build_plan(
 
     excluded = set(select(names, exclude))
     fixed = used_outside_forward(model)
+    for head, why in output_heads(model, names).items():
+        if head not in ranks and head not in methods:
+            fixed.setdefault(head, why)
+    remarks: tuple[str, ...] = (NOT_CHECKED,)
+    if example_input is not None:
+        for read, why in weights_read_elsewhere(model, names, example_input).items():
+            fixed.setdefault(read, why)
+        remarks = ()
     targets: list[PlannedLayer] = []
     skipped: dict[str, str] = {}
     for name, module in candidates:
-        reason = fixed.get(name)
+        reason = fixed.get(name) or fixed_code(module)
+        custom = custom_code(module)
+        named = name in methods or ranks.get(name, None) is not None
+        if reason is None and custom is not None and not named:
+            reason = f"{custom}; {OPT_IN}"
         if reason is None and name in excluded:
             reason = "excluded"
         layer_strategy = _strategy_for(ranks, strategy, name)
@@ -212,14 +252,20 @@ def build_plan(
                 name, module, layer_strategy, methods, factors, options, calibrated
             )
             if isinstance(planned, PlannedLayer):
+                if custom is not None:
+                    note = f"replaced as asked although {custom}"
+                    planned = replace(
+                        planned, note=f"{planned.note}; {note}" if planned.note else note
+                    )
                 targets.append(planned)
                 continue
             reason = planned
         skipped[name] = reason or "skipped"
+    for name, reason in unsupported_layers(model).items():
+        skipped.setdefault(name, reason)
     if not targets:
         raise NoMatchingLayerError(
-            "no layer of the model can be compressed: "
-            + ("; ".join(f"{n}: {r}" for n, r in skipped.items()) or "it has none")
+            "no layer of the model can be compressed: " + (_grouped(skipped) or "it has none")
         )
     if order == "macs" and layer_macs is not None:
         targets.sort(key=lambda t: -layer_macs.get(t.name, 0))
@@ -227,7 +273,19 @@ def build_plan(
     steps = tuple(
         tuple(flat[i : i + layers_per_step]) for i in range(0, len(flat), layers_per_step)
     )
-    return Plan(tuple(targets), skipped, steps)
+    return Plan(tuple(targets), skipped, steps, remarks)
+
+
+def _grouped(skipped: Mapping[str, str]) -> str:
+    """Skip reasons with the layers that share each, so one reason is said once."""
+    by_reason: dict[str, list[str]] = {}
+    for name, reason in skipped.items():
+        by_reason.setdefault(reason, []).append(name)
+    parts = []
+    for reason, names in by_reason.items():
+        shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        parts.append(f"{len(names)} layer(s) ({shown}): {reason}")
+    return "; ".join(parts)
 
 
 def _strategy_for(
@@ -239,7 +297,8 @@ def _strategy_for(
     if value is None:
         return None
     if isinstance(value, (int, Sequence)) or hasattr(value, "__index__"):
-        return Manual(rank=value)  # type: ignore[arg-type]
+        # Ranks given to this layer by its exact name are taken even if the layer grows.
+        return Manual(rank=value, allows_growth=name in ranks)  # type: ignore[arg-type]
     return value
 
 
@@ -275,7 +334,7 @@ def _planned_layer(
         shape = LayerShape.from_module(module, name)
     except UnsupportedLayerError as error:
         return str(error)
-    if shape.kind == "conv2d" and min(shape.in_per_group, shape.out_per_group) == 1:
+    if shape.kind != "linear" and min(shape.in_per_group, shape.out_per_group) == 1:
         return (
             "one input or output channel per group (depthwise or single-channel): "
             "nothing to factorise"
@@ -314,5 +373,6 @@ __all__ = [
     "build_plan",
     "check_rank_value",
     "decomposable_layers",
+    "unsupported_layers",
     "used_outside_forward",
 ]

@@ -34,6 +34,17 @@ def format_ratio(before: int | None, after: int | None) -> str:
     return f"{before / after:.2f}x"
 
 
+def format_change(before: int | None, after: int | None) -> str:
+    """'2.00x fewer', 'no fewer' or '1.20x more': the direction said in words."""
+    if not before or not after:
+        return "-"
+    if after < before:
+        return f"{before / after:.2f}x fewer"
+    if after == before:
+        return "no fewer"
+    return f"{after / before:.2f}x more"
+
+
 # ---------------------------------------------------------------------- a run, step by step
 def format_run_report(
     *,
@@ -84,21 +95,35 @@ def format_run_report(
             if ch.refined_error_before is not None and ch.refined_error_after is not None:
                 row += f"  (distilled: out.err {ch.refined_error_before:.3g} -> "
                 row += f"{ch.refined_error_after:.3g})"
+            if (
+                ch.skipped is None
+                and ch.macs_before is not None
+                and ch.macs_after is not None
+                and ch.macs_after > ch.macs_before
+            ):
+                row += "  MACs up"
+            lines.append(row.rstrip())
             if ch.skipped:
-                row += f"  (unchanged: {ch.skipped})"
+                lines.append(f"{'':>12}unchanged: {ch.skipped}")
             elif ch.latency_before is not None and ch.latency_after is not None:
-                row += (
-                    f"  (latency {ch.latency_before * 1e3:.3g} -> {ch.latency_after * 1e3:.3g} ms)"
+                lines.append(
+                    f"{'':>12}latency {ch.latency_before * 1e3:.3g} -> "
+                    f"{ch.latency_after * 1e3:.3g} ms"
                 )
-            lines.append(row)
         lines.append(
             f"     model after step {result.step}: params {format_count(result.params_after)} "
-            f"({format_ratio(first_params, result.params_after)} fewer than the original), "
+            f"({format_change(first_params, result.params_after)} than the original), "
             f"MACs {format_count(result.macs_after)} "
-            f"({format_ratio(original_macs, result.macs_after)} fewer)"
+            f"({format_change(original_macs, result.macs_after)})"
         )
     if not history:
         lines.append("no step has run yet")
+    elif not any(ch.skipped is None for result in history for ch in result.changes):
+        lines.append("")
+        lines.append(
+            f"warning: no layer was replaced in {len(history)} step(s): the model is unchanged "
+            "(each layer's reason is in its row above)"
+        )
     return "\n".join(lines)
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from stagecomp.example_input import caches_off, strip_prefix, traceable
 from stagecomp.surgery import eval_mode
 
 with warnings.catch_warnings():
@@ -43,23 +44,23 @@ class ModelStats:
     layer_params: dict[str, int] = field(default_factory=dict)
 
 
-def _as_tuple(example_input: Any) -> tuple[Any, ...]:
-    return example_input if isinstance(example_input, tuple) else (example_input,)
-
-
 def model_stats(model: nn.Module, example_input: Any) -> ModelStats:
     """Count MACs and parameters of ``model`` (unchanged) on ``example_input``.
 
     Args:
         model: Any module fvcore can trace.
-        example_input: A tensor, or a tuple of positional inputs.
+        example_input: A tensor, a tuple of positional inputs, or a dict of keyword
+            inputs (a Hugging Face tokenizer's output). A model's key/value cache is
+            turned off for the count (fvcore cannot trace it), then restored.
     """
-    with eval_mode(model), torch.no_grad():
-        analysis = FlopCountAnalysis(model, _as_tuple(example_input))
+    module, inputs, prefix = traceable(model, example_input)
+    with eval_mode(model), torch.no_grad(), caches_off(model):
+        analysis = FlopCountAnalysis(module, inputs)
         analysis.unsupported_ops_warnings(False)
         analysis.uncalled_modules_warnings(False)
         analysis.tracer_warnings("none")
-        by_module = {name: int(v) for name, v in analysis.by_module().items()}
+        by_module = strip_prefix(analysis.by_module(), prefix)
+        by_module = {name: int(v) for name, v in by_module.items()}
     params = {name: int(v) for name, v in parameter_count(model).items()}
     return ModelStats(
         macs=by_module.get("", 0),

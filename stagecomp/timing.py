@@ -50,6 +50,39 @@ def forward_latency(
     return statistics.median(samples)
 
 
+@torch.no_grad()
+def speed_ratio(
+    reference: nn.Module,
+    candidate: nn.Module,
+    example_input: torch.Tensor,
+    *,
+    warmup: int = 5,
+    rounds: int = 30,
+) -> float:
+    """How many times faster ``candidate`` runs than ``reference``: median over interleaved
+    rounds (one pass of each per round, after warm-up).
+
+    Timing the two in alternation, in the same process, means a burst of other work on
+    the machine slows both alike instead of skewing one, so the ratio is steady where two
+    separate timings minutes apart are not.
+    """
+    device = example_input.device
+    for _ in range(warmup):
+        reference(example_input)
+        candidate(example_input)
+    _synchronize(device)
+    times: dict[int, list[float]] = {0: [], 1: []}
+    for round_ in range(rounds):
+        order = (0, 1) if round_ % 2 == 0 else (1, 0)
+        for which in order:
+            module = reference if which == 0 else candidate
+            begin = time.perf_counter()
+            module(example_input)
+            _synchronize(device)
+            times[which].append(time.perf_counter() - begin)
+    return statistics.median(times[0]) / statistics.median(times[1])
+
+
 def describe_device(device: Any) -> str:
     """A short name of the device the timings come from, for benchmark headers."""
     device = torch.device(device)

@@ -201,8 +201,57 @@ def test_weights_that_do_not_fit_or_pickle_code(
     )
     assert code == 0, err
     torch.save(small, tmp_path / "module.pt")  # a pickled module, not a state dict
-    code, _, err = run([*argv, "--weights", str(tmp_path / "module.pt")], capsys)
+    code, _, err = run([*argv, "--force", "--weights", str(tmp_path / "module.pt")], capsys)
     assert_one_line_error(code, err, "weights-only")
+
+
+def test_out_is_checked_before_compressing(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was built although --out cannot take the result")
+
+    monkeypatch.setattr(cli, "build_torchvision_model", never)
+    file = tmp_path / "file"
+    file.write_text("x")
+    code, _, err = run(["compress", MODEL, "--strategy", "reduction", "--out", str(file)], capsys)
+    assert_one_line_error(code, err, "existing file")
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    (saved / "stagecomp.json").write_text("{}")
+    code, _, err = run(["compress", MODEL, "--strategy", "reduction", "--out", str(saved)], capsys)
+    assert_one_line_error(code, err, "--force")
+
+
+def test_exclude_takes_one_name_per_flag_or_commas(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    base = ["compress", "--strategy", "reduction", "--quiet", "--input-size", "32"]
+    code, out, err = run(
+        [*base, "--exclude", "features.0", MODEL, "--out", str(tmp_path / "a")], capsys
+    )
+    assert code == 0, err  # the model name after --exclude NAME is not swallowed
+    assert "features.0: excluded" in out
+    code, out, err = run(
+        [*base, MODEL, "--exclude", "features.0,classifier.1", "--out", str(tmp_path / "b")],
+        capsys,
+    )
+    assert code == 0, err
+    assert "features.0: excluded" in out and "classifier.1: excluded" in out
+
+
+def test_a_closed_pipe_still_saves_and_exits_zero(tmp_path: Path) -> None:
+    out = tmp_path / "piped"
+    done = subprocess.run(
+        f"{sys.executable} -m stagecomp compress {MODEL} --strategy reduction --quiet "
+        f"--input-size 32 --out {out} | head -c 10",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert "Broken pipe" not in done.stderr
+    assert (out / "stagecomp.safetensors").exists() and (out / "stagecomp.json").exists()
 
 
 def test_unexpected_errors_are_one_line_unless_debug(

@@ -220,6 +220,12 @@ def test_old_signature_still_works_with_a_deprecation_warning() -> None:
     current.compression_step()
     with torch.no_grad():
         assert torch.equal(old(X), new(X))
+    # Old calibration settings without the batches they need are refused, as before.
+    with (
+        pytest.warns(DeprecationWarning, match="deprecated"),
+        pytest.raises(sc.StagecompError, match="need calibration batches"),
+    ):
+        sc.Compressor(_net(), data_aware="whiten", progress=False)
 
 
 @pytest.mark.parametrize(

@@ -229,8 +229,7 @@ def test_data_aware_strategy_meets_the_per_layer_tolerance() -> None:
     compressor = sc.Compressor(
         model,
         sc.DataAware(tolerance=0.05),
-        calibration=batches,
-        data_aware="whiten",
+        calibration=sc.Calibration(batches, factors="whiten"),
         progress=False,
         layers_per_step=1,
     )
@@ -267,8 +266,7 @@ def test_allocate_ranks_meets_the_budget_and_spends_it_on_sensitive_layers() -> 
     sc.Compressor(
         compressed,
         ranks=ranks,
-        calibration=batches,
-        data_aware="whiten",
+        calibration=sc.Calibration(batches, factors="whiten"),
         strategy="manual",
         progress=False,
         layers_per_step=2,
@@ -301,8 +299,7 @@ def test_compressor_data_aware_beats_weight_only_and_keeps_save_load(tmp_path) -
             copy_,
             sc.Manual(rank=2),
             ranks={"conv3": (6, 2), "head": None},
-            calibration=batches if data_aware else None,
-            data_aware=data_aware,
+            calibration=sc.Calibration(batches, factors=data_aware) if data_aware else None,
             progress=False,
             layers_per_step=2,
         )
@@ -338,8 +335,7 @@ def test_compressor_recollects_statistics_after_each_step(monkeypatch) -> None:
     compressor = sc.Compressor(
         model,
         sc.Manual(rank=2),
-        calibration=[torch.randn(2, 3, 4, 4)],
-        data_aware="whiten",
+        calibration=sc.Calibration([torch.randn(2, 3, 4, 4)], factors="whiten"),
         progress=False,
         ranks={"head": None},
     )
@@ -349,12 +345,12 @@ def test_compressor_recollects_statistics_after_each_step(monkeypatch) -> None:
 
 
 def test_compressor_checks_data_aware_arguments() -> None:
-    with pytest.raises(sc.StagecompError, match="need calibration"):
-        sc.Compressor(_Tiny(), data_aware="whiten")
+    with pytest.raises(sc.StagecompError, match="no calibration was given"):
+        sc.Compressor(_Tiny(), sc.DataAware())
     with pytest.raises(sc.StagecompError, match="variant 'pca'"):
-        sc.Compressor(_Tiny(), data_aware="pca", calibration=[])
-    with pytest.raises(sc.NoMatchingLayerError):
-        sc.Compressor(_Tiny(), data_aware={"nope": "whiten"}, calibration=[])
+        sc.Calibration([], factors="pca")
+    with pytest.raises(sc.NoMatchingLayerError, match="nope"):
+        sc.Compressor(_Tiny(), calibration=sc.Calibration([], factors={"nope": "whiten"}))
     with pytest.raises(sc.RankError, match="tolerance"):
         sc.DataAware(tolerance=2.0)
 
@@ -427,9 +423,9 @@ def test_compressor_gradient_variant_and_drift_correction_run_and_help() -> None
     errors = {}
     for key, kwargs in {
         "weight": {},
-        "gradient": {"calibration": batches, "data_aware": "gradient"},
-        "whiten": {"calibration": batches, "data_aware": "whiten"},
-        "drift": {"calibration": batches, "data_aware": "whiten", "correct_drift": True},
+        "gradient": {"calibration": sc.Calibration(batches, factors="gradient")},
+        "whiten": {"calibration": sc.Calibration(batches, factors="whiten")},
+        "drift": {"calibration": sc.Calibration(batches, factors="whiten", correct_drift=True)},
     }.items():
         copy_ = copy.deepcopy(model)
         compressor = sc.Compressor(
@@ -466,14 +462,17 @@ def test_minilm_allocated_gradient_factors_beat_uniform_cuts() -> None:
     reference = example.embed(model, evaluation)
     others = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in names]
 
-    def score(**kwargs: object) -> float:
+    def score(factors: str | None = None, **kwargs: object) -> float:
         compressed = copy.deepcopy(model)
+        calibration = None
+        if factors is not None:
+            calibration = sc.Calibration(batches, factors=factors, forward=lambda m, b: m(b))
         compressor = sc.Compressor(
             compressed,
             exclude=others,
             layers_per_step=6,
             progress=False,
-            calibration_forward=lambda m, b: m(b),
+            calibration=calibration,
             **kwargs,  # type: ignore[arg-type]
         )
         while not compressor.done:
@@ -484,11 +483,11 @@ def test_minilm_allocated_gradient_factors_beat_uniform_cuts() -> None:
         return float((example.embed(compressed, evaluation) * reference).sum(dim=1).mean())
 
     weight_only = score(strategy=sc.Reduction(2.0))
-    whiten = score(strategy=sc.Reduction(2.0), calibration=batches, data_aware="whiten")
+    whiten = score("whiten", strategy=sc.Reduction(2.0))
     ranks = sc.allocate_ranks(
         model, batches, names, rate=2.0, forward=lambda m, b: m(b), progress=False
     )
-    allocated = score(strategy="manual", ranks=ranks, calibration=batches, data_aware="gradient")
+    allocated = score("gradient", strategy="manual", ranks=ranks)
     assert whiten > weight_only + 0.2
     assert allocated > whiten + 0.05
 
@@ -512,8 +511,7 @@ def test_allocation_in_interpolative_form_buys_higher_ranks_and_less_error() -> 
             "manual",
             ranks=ranks,
             methods={"*": method},
-            calibration=batches,
-            data_aware="gradient",
+            calibration=sc.Calibration(batches, factors="gradient"),
             progress=False,
             layers_per_step=2,
         ).compression_step()

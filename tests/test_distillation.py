@@ -113,7 +113,8 @@ def test_distillation_lowers_the_output_error() -> None:
     assert [c.name for c in changes] == ["conv", "block.fc_a", "block.fc_b"]
     for change in changes:
         assert change.refined_error_before is not None and change.refined_error_after is not None
-        assert change.refined_error_after < 0.8 * change.refined_error_before, change.name
+        # Converged HOOI already starts Tucker2 close; every layer still gains >= 10%.
+        assert change.refined_error_after < 0.9 * change.refined_error_before, change.name
     # On held-out inputs, the whole model's output moves closer to the original's.
     assert _output_error(refined, original) < 0.8 * _output_error(plain, original)
     assert "distilled: out.err" in compressor.report()

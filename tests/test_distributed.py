@@ -64,8 +64,7 @@ def _data_aware(model: nn.Module, data: DigitsData) -> sc.Compressor:
         model,
         "reduction",
         layers_per_step=2,
-        calibration=calibration,
-        data_aware="whiten",
+        calibration=sc.Calibration(calibration, factors="whiten"),
         progress=False,
     )
 

@@ -60,9 +60,9 @@ def test_torchvision_manual_ranks_only_touch_named_layers() -> None:
 
 def test_train_from_scratch() -> None:
     out = example("train_from_scratch").main(["--quick"])
-    assert list(out) == ["dense", "cp3", "tucker2", "tt"]
+    assert list(out) == ["dense", "cp3", "tucker2", "tt", "ht"]
     dense = out["dense"]
-    for variant in ("cp3", "tucker2", "tt"):
+    for variant in ("cp3", "tucker2", "tt", "ht"):
         row = out[variant]
         assert dense["params"] / row["params"] > 3.0, variant  # 4x per factorised layer
         assert row["accuracy"] > 0.85, (variant, row["accuracy"])

@@ -18,10 +18,12 @@ _DECOMPOSED = [
     (4, "cp3"),
     (6, "cp4"),
     (8, "tt"),
-    (10, "svd_id"),
-    (14, "svd"),
-    (16, "tt"),
-    (18, "svd_id"),
+    (10, "ht"),
+    (12, "svd_id"),
+    (16, "svd"),
+    (18, "tt"),
+    (20, "svd_id"),
+    (22, "ht"),
 ]
 
 
@@ -38,6 +40,8 @@ def _compressed() -> nn.Sequential:
         nn.ReLU(),
         nn.Conv2d(16, 16, 3, padding=1),
         nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1, groups=2),
+        nn.ReLU(),
         nn.Conv2d(16, 16, 1),
         nn.ReLU(),
         nn.AdaptiveAvgPool2d(2),
@@ -47,9 +51,11 @@ def _compressed() -> nn.Sequential:
         nn.Linear(32, 8),
         nn.ReLU(),
         nn.Linear(8, 8),
+        nn.ReLU(),
+        nn.Linear(8, 8),
     )
     for index, method in _DECOMPOSED:
-        model[index] = sc.decompose(model[index], method, 2 if method == "tt" else 4)
+        model[index] = sc.decompose(model[index], method, 2 if method in ("tt", "ht") else 4)
     return model.eval()
 
 

@@ -147,7 +147,7 @@ def test_errors_leave_the_model_unchanged() -> None:
     with pytest.raises(sc.UnsupportedLayerError, match="'7'"):
         factorize(model, "tucker2", 4, targets=["2", "7"])  # named exactly: must fit
     with pytest.raises(sc.RankError):
-        factorize(model, "svd", 10_000, targets=["2", "9"])
+        factorize(model, "svd", 0, targets=["2", "9"])
     with pytest.raises(sc.RankError, match="'9'"):
         factorize(model, "svd", {"7": 4}, targets=["7", "9"])
     assert not any(isinstance(m, sc.DecomposedLayer) for m in model.modules())
@@ -171,3 +171,9 @@ def test_trains_and_round_trips_through_save(tmp_path) -> None:  # type: ignore[
     sc.save(model, tmp_path)
     loaded = sc.load(build().eval(), tmp_path)
     assert torch.equal(loaded(X), model(X))
+
+
+def test_an_integer_rank_above_full_rank_means_full_rank() -> None:
+    model = nn.Sequential(nn.Linear(12, 5), nn.ReLU(), nn.Linear(5, 30))
+    layers = factorize(model, "svd", 10_000)
+    assert {name: layer.ranks for name, layer in layers.items()} == {"0": (5,), "2": (5,)}

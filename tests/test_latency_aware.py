@@ -38,7 +38,7 @@ def _table(candidate: Candidate) -> float:
         return 1.5
     assert candidate.ranks is not None
     rounded = all(r % 8 == 0 for r in candidate.ranks)
-    base = {"svd": 6.0, "svd_id": 6.5, "tucker2": 5.0, "cp3": 7.0, "cp4": 8.0, "tt": 9.0}
+    base = {"svd": 6.0, "svd_id": 6.5, "tucker2": 5.0, "cp3": 7.0, "cp4": 8.0, "tt": 9.0, "ht": 9.5}
     return base[candidate.method] - (1.0 if rounded else 0.0)
 
 
@@ -175,3 +175,29 @@ def test_layer_the_input_never_reaches_is_left_alone() -> None:
     assert changes["spare"].skipped is not None and "never reaches" in changes["spare"].skipped
     assert isinstance(model.spare, nn.Conv2d)
     assert changes["spare"].latency_before is None
+
+
+def test_ranks_are_also_tried_rounded_to_twice_the_vector_width() -> None:
+    tried: list[tuple[int, ...]] = []
+
+    def table(candidate: Candidate) -> float:
+        if candidate.method == CURRENT:
+            return 10.0
+        assert candidate.ranks is not None
+        if candidate.name == "conv2":
+            tried.append(candidate.ranks)
+        return 1.0 if all(r % 16 == 0 for r in candidate.ranks) else 2.0
+
+    compressor = sc.Compressor(
+        Net().eval(),
+        sc.Reduction(6.0),
+        torch.randn(2, 3, 16, 16),
+        layers_per_step=3,
+        latency_aware=LatencyAware(methods=("tucker2",), timer=table),
+        progress=False,
+    )
+    changes = {c.name: c for c in compressor.compression_step().changes}
+    plain, eights, sixteens = tried
+    assert all(r % 8 == 0 for r in eights) and eights != plain
+    assert all(r % 16 == 0 for r in sixteens) and sixteens != eights
+    assert changes["conv2"].ranks == sixteens

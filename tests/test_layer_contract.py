@@ -198,7 +198,7 @@ def test_non_finite_weights_are_refused(cls: type[DecomposedLayer]) -> None:
 
 @pytest.mark.parametrize(
     "module",
-    [nn.Conv1d(4, 4, 3), nn.ConvTranspose2d(4, 4, 3), nn.BatchNorm2d(4), nn.LazyLinear(3)],
+    [nn.Conv3d(4, 4, 3), nn.ConvTranspose2d(4, 4, 3), nn.BatchNorm2d(4), nn.LazyLinear(3)],
     ids=lambda m: type(m).__name__,
 )
 def test_unsupported_modules_are_refused(module: nn.Module) -> None:

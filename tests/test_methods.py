@@ -31,7 +31,7 @@ from stagecomp.methods import (
 
 D = torch.float64
 OPTIONS = sc.DecomposeOptions(seed=0)
-KINDS = ("linear", "conv2d")
+KINDS = ("linear", "conv2d", "conv1d")
 
 
 def _geometries() -> dict[str, nn.Module]:
@@ -80,7 +80,7 @@ def _group_norms(weight: torch.Tensor, shape: sc.LayerShape) -> list[float]:
 
 
 def test_methods_are_in_the_order_users_see() -> None:
-    assert METHODS == ("svd", "svd_id", "tucker2", "cp3", "cp4", "tt")
+    assert METHODS == ("svd", "svd_id", "tucker2", "cp3", "cp4", "tt", "ht")
     assert sc.METHODS == METHODS
     assert sc.registry.LAYER_CLASSES == sc.methods.LAYER_CLASSES
     assert len(set(sc.methods.LAYER_CLASSES)) == len(sc.methods.LAYER_CLASSES)
@@ -137,7 +137,9 @@ def test_a_layer_class_belongs_to_one_method() -> None:
 def test_unknown_names_get_suggestions() -> None:
     with pytest.raises(sc.UnknownMethodError, match=r"did you mean 'tucker2'\?.*allowed: svd,"):
         get_method("tuker2")
-    with pytest.raises(sc.UnknownMethodError, match="allowed: svd, svd_id, tucker2, cp3, cp4, tt"):
+    with pytest.raises(
+        sc.UnknownMethodError, match="allowed: svd, svd_id, tucker2, cp3, cp4, tt, ht"
+    ):
         sc.registry.check_method("nothing-like-it")
 
 
@@ -152,7 +154,7 @@ def test_default_method(geometry: str, expected: str) -> None:
 def test_methods_by_kind() -> None:
     # The CLI's --conv-method / --linear-method choices.
     assert sc.methods.methods_for_kind("conv2d") == METHODS
-    assert sc.methods.methods_for_kind("linear") == ("svd", "svd_id", "tt")
+    assert sc.methods.methods_for_kind("linear") == ("svd", "svd_id", "tt", "ht")
 
 
 # ---------------------------------------------------------------------- VBMF matrices

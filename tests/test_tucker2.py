@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -105,6 +107,49 @@ def test_hooi_never_worse_than_hosvd():
     assert errors[2] < errors[0]  # a random kernel leaves HOOI something to gain
 
 
+def noisy_low_rank_kernel() -> torch.Tensor:
+    """Multilinear rank (10, 8) plus 30% noise: HOOI below that rank has work to do."""
+    kernel = low_rank_kernel(40, 32, 3, r_out=10, r_in=8, seed=7)
+    noise = random_kernel(kernel.shape, seed=8)
+    return kernel / kernel.norm() + 0.3 * noise / noise.norm()
+
+
+def hooi_sweeps(caplog: pytest.LogCaptureFixture) -> list[int]:
+    """Sweep counts from tucker2's debug records, one per call."""
+    return [int(r.args[2]) for r in caplog.records if "HOOI sweeps" in r.msg]  # type: ignore[index]
+
+
+def test_hooi_to_tolerance_beats_one_sweep_and_stops_early(caplog):
+    kernel, ranks = noisy_low_rank_kernel(), (6, 5)
+
+    def error(**options) -> float:
+        return rel_error(tucker2_dense(*tucker2(kernel, ranks, **options)), kernel)
+
+    with caplog.at_level(logging.DEBUG, logger="stagecomp.decompositions.tucker2"):
+        hosvd = error(hooi_iters=0)
+        one = error(hooi_iters=1)
+        converged = error()  # the defaults: to a tolerance of 1e-4, at most 30 sweeps
+        fixed = error(hooi_iters=30, hooi_tol=0)
+    assert hosvd == pytest.approx(0.57465, abs=5e-5)
+    assert one == pytest.approx(0.57097, abs=5e-5)
+    assert converged == pytest.approx(0.57077, abs=5e-5)
+    assert converged <= one <= hosvd
+    assert converged - fixed < 1e-6  # 30 sweeps gain nothing more worth having
+    # hooi_iters=0 logs nothing; one sweep, then early stop, then all 30.
+    sweeps = hooi_sweeps(caplog)
+    assert sweeps[0] == 1 and sweeps[2] == 30
+    assert 2 <= sweeps[1] <= 5
+
+
+def test_hooi_stops_early_when_exact(caplog):
+    kernel = low_rank_kernel(20, 16, 3, r_out=6, r_in=4, seed=1)
+    with caplog.at_level(logging.DEBUG, logger="stagecomp.decompositions.tucker2"):
+        factors = tucker2(kernel, (6, 4))  # exact after one sweep; the second one sees it
+        tucker2(torch.zeros(6, 4, 3, 3, dtype=F64), (2, 2))  # error 0: stop at once
+    assert rel_error(tucker2_dense(*factors), kernel) < 1e-5
+    assert hooi_sweeps(caplog) == [2, 1]
+
+
 def test_deterministic_and_sign_fixed():
     kernel = random_kernel((16, 12, 3, 3), seed=3)
     first = tucker2(kernel, (5, 4))
@@ -150,7 +195,7 @@ def test_no_worse_than_tensorly(iters, kind, shape, ranks):
     core, (a, b) = _tensorly_partial_tucker(kernel.numpy(), ranks, iters)
     theirs = np.linalg.norm(np.einsum("rskl,or,is->oikl", core, a, b) - kernel.numpy())
     theirs /= np.linalg.norm(kernel.numpy())
-    ours = rel_error(tucker2_dense(*tucker2(kernel, ranks, hooi_iters=iters)), kernel)
+    ours = rel_error(tucker2_dense(*tucker2(kernel, ranks, hooi_iters=iters, hooi_tol=0)), kernel)
     assert ours <= theirs + 1e-6
 
 
@@ -191,6 +236,8 @@ def test_bad_arguments():
         tucker2(kernel[0], (2, 2))
     with pytest.raises(ValueError, match="hooi_iters"):
         tucker2(kernel, (2, 2), hooi_iters=-1)
+    with pytest.raises(ValueError, match="hooi_tol"):
+        tucker2(kernel, (2, 2), hooi_tol=float("nan"))
 
 
 # ------------------------------------------------------------------- the layer
@@ -231,6 +278,39 @@ def test_layer_recovers_low_rank_conv():
     assert layer.core.weight.shape == (6, 4, 3, 3)
     x = torch.randn(1, 16, 8, 8, dtype=F64)
     assert rel_error(layer(x), dense(x)) < 1e-5
+
+
+def test_options_default_to_hooi_to_tolerance():
+    options = DecomposeOptions()
+    assert (options.hooi_iters, options.hooi_tol) == (30, 1e-4)
+    assert DecomposeOptions.from_dict(options.to_dict()) == options
+    saved = {k: v for k, v in options.to_dict().items() if k != "hooi_tol"}  # an older recipe
+    assert DecomposeOptions.from_dict({**saved, "hooi_iters": 1}).hooi_iters == 1
+
+
+def test_layer_default_iterates_hooi():
+    dense = conv(in_channels=32, out_channels=40, kernel_size=3, padding=1)
+    with torch.no_grad():
+        dense.weight.copy_(noisy_low_rank_kernel())
+
+    def error(options: DecomposeOptions) -> float:
+        layer = Tucker2Conv2d.from_module(dense, (6, 5), options=options)
+        return rel_error(layer.dense_weight(), dense.weight)
+
+    default, one = error(DecomposeOptions()), error(DecomposeOptions(hooi_iters=1))
+    assert default == pytest.approx(0.57077, abs=5e-5)
+    assert one == pytest.approx(0.57097, abs=5e-5)
+
+
+def test_layer_uses_hooi_tol():
+    dense = conv(in_channels=32, out_channels=40, kernel_size=3, padding=1)
+    with torch.no_grad():
+        dense.weight.copy_(noisy_low_rank_kernel())
+    loose, tight = (
+        Tucker2Conv2d.from_module(dense, (6, 5), options=DecomposeOptions(hooi_tol=tol))
+        for tol in (1e-1, 0.0)
+    )
+    assert not torch.equal(loose.dense_weight(), tight.dense_weight())
 
 
 def test_layer_keeps_device_dtype_mode_and_grad():

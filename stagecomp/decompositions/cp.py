@@ -31,6 +31,8 @@ from typing import NamedTuple
 
 import torch
 
+from stagecomp.threads import product_threads, single_threaded
+
 logger = logging.getLogger(__name__)
 
 # Relative ridge added to the normal equations, in units of the dtype's machine epsilon
@@ -142,6 +144,7 @@ def cp_to_tensor(weights: torch.Tensor, factors: Sequence[torch.Tensor]) -> torc
     return full.reshape(dims[big], *(dims[k] for k in others)).movedim(0, big)
 
 
+@single_threaded
 def cp_als(
     tensor: torch.Tensor,
     rank: int,
@@ -156,6 +159,10 @@ def cp_als(
     mode's size are drawn from a generator seeded with ``seed``), so a run repeats
     exactly. Works in the tensor's dtype and on its device. At ``rank >=
     cp_full_rank(tensor.shape)`` the exact construction of ``cp_exact`` is returned.
+
+    Runs on one thread but for its large GEMMs (:mod:`stagecomp.threads`): the small
+    solves of a sweep are barrier-bound, and with a second thread on a busy machine a
+    256x256x3x3 kernel took several times longer.
 
     A sweep of a 512x512x3x3 kernel at rank ~1150 costs about 19 GFLOP (two GEMMs of
     5.4 GFLOP, the rest Gram matrices and Cholesky solves of size R), so ``max_iter``
@@ -197,6 +204,7 @@ def cp_als(
     # (dim_big, prod(rest)): a view when the largest mode comes first, else one copy.
     unfolded = tensor.movedim(big, 0).reshape(dims[big], -1)
     partial_shape = (*(dims[k] for k in rest), rank)
+    gemm_macs = unfolded.numel() * rank  # each of the sweep's two GEMMs
     update_order = sorted(rest, key=lambda k: -dims[k])
     grams = [f.T @ f for f in factors]
     norm_x2 = norm_x**2
@@ -221,7 +229,9 @@ def cp_als(
             for k, factor in zip(rest, trial, strict=True):
                 trial_grams[k] = factor.T @ factor
             gram_big = _hadamard(trial_grams, skip=big)
-            mttkrp = unfolded @ _khatri_rao(trial)
+            khatri_rao = _khatri_rao(trial)
+            with product_threads(gemm_macs):
+                mttkrp = unfolded @ khatri_rao
             solution = _solve_normal(mttkrp, gram_big)
             accepted = _relative_error(norm_x2, mttkrp, solution, gram_big) < rel_error
             if accepted:
@@ -234,11 +244,14 @@ def cp_als(
         previous = [factors[k].clone() for k in rest]
         if not accepted:
             # Largest mode: one GEMM against the Khatri-Rao product of the short modes.
-            mttkrp = unfolded @ _khatri_rao([factors[k] for k in rest])
+            khatri_rao = _khatri_rao([factors[k] for k in rest])
+            with product_threads(gemm_macs):
+                mttkrp = unfolded @ khatri_rao
             solution = _solve_normal(mttkrp, _hadamard(grams, skip=big))
             weights = _set_factor_(factors, grams, big, solution)
         # Every other mode from the shared partial X x_big A_big, (rest dims..., R).
-        partial = (unfolded.T @ factors[big]).reshape(partial_shape)
+        with product_threads(gemm_macs):
+            partial = (unfolded.T @ factors[big]).reshape(partial_shape)
         for mode in update_order:
             mttkrp = _contract_ranked(partial, rest, factors, keep=mode)
             solution = _solve_normal(mttkrp, _hadamard(grams, skip=mode))
@@ -287,7 +300,9 @@ def _initial_factors(tensor: torch.Tensor, rank: int, seed: int, skip: int) -> l
             unfolded = tensor.movedim(mode, 0).reshape(dim, -1)
             # Eigenvectors of the (dim x dim) Gram: the left singular vectors, without
             # an SVD of the wide unfolding; precision only matters for the start.
-            _, vectors = torch.linalg.eigh(unfolded @ unfolded.T)
+            with product_threads(unfolded.numel() * dim):
+                gram = unfolded @ unfolded.T
+            _, vectors = torch.linalg.eigh(gram)
             columns.append(vectors.flip(-1)[:, : min(dim, rank)])
         extra = rank - sum(c.shape[1] for c in columns)
         if extra > 0:

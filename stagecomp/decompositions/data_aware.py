@@ -25,12 +25,15 @@ change of the final output, and the dropped singular values are that change,
 comparable across layers.
 
 Every function works in float64 on the device of its inputs and returns factors
-that are exact at full rank.
+that are exact at full rank. They run on one thread but for the products with
+the moment's root (:mod:`stagecomp.threads`).
 """
 
 from __future__ import annotations
 
 import torch
+
+from stagecomp.threads import product_threads, single_threaded
 
 # Relative damping added to a second moment before its square root: enough for
 # Cholesky to succeed on a singular matrix, far below any eigenvalue that matters.
@@ -43,6 +46,7 @@ CORRECTION_DAMPING = 1e-4
 GRADIENT_DAMPING = 1e-6
 
 
+@single_threaded
 def moment_root(moment: torch.Tensor, damping: float = DEFAULT_DAMPING) -> torch.Tensor:
     """A factor ``L`` with ``L L^T = moment + damping * mean(diag) * I``.
 
@@ -62,19 +66,26 @@ def moment_root(moment: torch.Tensor, damping: float = DEFAULT_DAMPING) -> torch
     return vectors * values.clamp_min(0).sqrt()[None, :]
 
 
+@single_threaded
 def whitened_spectrum(
     weight: torch.Tensor, moment: torch.Tensor, damping: float = DEFAULT_DAMPING
 ) -> torch.Tensor:
     """Singular values of ``W L``; truncating after ``r`` costs ``sum_{i>r} s_i^2``."""
     w = weight.to(torch.float64)
-    return torch.linalg.svdvals(w @ moment_root(moment, damping).to(w.device))
+    root = moment_root(moment, damping).to(w.device)
+    with product_threads(w.numel() * root.shape[1]):
+        whitened = w @ root
+    return torch.linalg.svdvals(whitened)
 
 
 def _output_basis(
     weight: torch.Tensor, moment: torch.Tensor, rank: int, damping: float
 ) -> torch.Tensor:
     """Leading ``rank`` left singular vectors of ``W L`` (``out x rank``, orthonormal)."""
-    u, _, _ = torch.linalg.svd(weight @ moment_root(moment, damping), full_matrices=False)
+    root = moment_root(moment, damping)
+    with product_threads(weight.numel() * root.shape[1]):
+        whitened = weight @ root
+    u, _, _ = torch.linalg.svd(whitened, full_matrices=False)
     return u[:, :rank]
 
 
@@ -86,7 +97,9 @@ def _projected_svd(
     Returning an SVD (not just the two factors) lets the layer split the singular
     values evenly across its two factors, as the weight-only SVD does.
     """
-    a, s, vh = torch.linalg.svd(basis.T @ weight, full_matrices=False)
+    with product_threads(basis.shape[1] * weight.numel()):
+        projected = basis.T @ weight
+    a, s, vh = torch.linalg.svd(projected, full_matrices=False)
     return basis @ a, s, vh
 
 
@@ -102,6 +115,7 @@ def _check(weight: torch.Tensor, moment: torch.Tensor, rank: int) -> None:
         raise ValueError(f"rank {rank} is out of range for a {tuple(weight.shape)} weight")
 
 
+@single_threaded
 def whitened_svd(
     weight: torch.Tensor,
     moment: torch.Tensor,
@@ -125,6 +139,7 @@ def whitened_svd(
     return _projected_svd(_output_basis(w, moment.to(w.device), rank, damping), w)
 
 
+@single_threaded
 def output_covariance_svd(
     weight: torch.Tensor,
     moment: torch.Tensor,
@@ -154,6 +169,7 @@ def output_covariance_svd(
     return u, s, vh, shift
 
 
+@single_threaded
 def drift_corrected(
     weight: torch.Tensor,
     moment: torch.Tensor,
@@ -174,10 +190,12 @@ def drift_corrected(
     eye = torch.eye(s.shape[0], dtype=s.dtype, device=s.device)
     damped = s + max(damping * scale, torch.finfo(s.dtype).tiny) * eye
     w = weight.to(torch.float64)
-    target = w @ cross_moment.to(w.device, torch.float64)  # W E[x_ref x^T]
+    with product_threads(w.numel() * cross_moment.shape[1]):
+        target = w @ cross_moment.to(w.device, torch.float64)  # W E[x_ref x^T]
     return torch.linalg.solve(damped, target.T).T
 
 
+@single_threaded
 def weighted_spectrum(
     weight: torch.Tensor,
     moment: torch.Tensor,
@@ -192,9 +210,13 @@ def weighted_spectrum(
     """
     w = weight.to(torch.float64)
     left = moment_root(gradient_moment.to(w.device), GRADIENT_DAMPING)
-    return torch.linalg.svdvals(left.T @ w @ moment_root(moment.to(w.device), damping))
+    right = moment_root(moment.to(w.device), damping)
+    with product_threads(w.numel() * (left.shape[0] + right.shape[1])):
+        whitened = left.T @ w @ right
+    return torch.linalg.svdvals(whitened)
 
 
+@single_threaded
 def gradient_weighted_svd(
     weight: torch.Tensor,
     moment: torch.Tensor,
@@ -218,14 +240,17 @@ def gradient_weighted_svd(
     _check(weight, moment, rank)
     w = weight.to(torch.float64)
     root = moment_root(gradient_moment.to(w.device), GRADIENT_DAMPING)
-    basis = _output_basis(root.T @ w, moment.to(w.device), rank, damping)
+    with product_threads(root.shape[0] * w.numel()):
+        whitened_out = root.T @ w
+    basis = _output_basis(whitened_out, moment.to(w.device), rank, damping)
     second = torch.linalg.solve(root.T, basis)  # R^-T U_r, out x rank
-    first = basis.T @ (root.T @ w)  # U_r^T R^T W, rank x in
+    first = basis.T @ whitened_out  # U_r^T R^T W, rank x in
     q, r = torch.linalg.qr(second)
     a, s, vh = torch.linalg.svd(r @ first, full_matrices=False)
     return q @ a, s, vh
 
 
+@single_threaded
 def principal_axes(moment: torch.Tensor, rank: int) -> torch.Tensor:
     """The top ``rank`` eigenvectors of a symmetric moment, ``(d, rank)``, orthonormal."""
     s = moment.to(torch.float64)
@@ -233,6 +258,7 @@ def principal_axes(moment: torch.Tensor, rank: int) -> torch.Tensor:
     return vectors.flip(1)[:, :rank]
 
 
+@single_threaded
 def data_aware_tucker2(
     kernel: torch.Tensor,
     ranks: tuple[int, int],
@@ -269,7 +295,8 @@ def data_aware_tucker2(
     k = kernel.to(torch.float64)
     u_in = principal_axes(input_moment.to(k.device), r_in)
     u_out = principal_axes(output_covariance.to(k.device), r_out)
-    core = torch.einsum("oikl,or,is->rskl", k, u_out, u_in)
+    with product_threads(k.numel() * (r_out + r_in)):
+        core = torch.einsum("oikl,or,is->rskl", k, u_out, u_in)
     shift = None
     if output_mean is not None:
         m = output_mean.to(device=k.device, dtype=torch.float64)

@@ -20,6 +20,8 @@ from __future__ import annotations
 import scipy.linalg
 import torch
 
+from stagecomp.threads import single_threaded, single_threaded_blas
+
 
 def pivot_rows(u: torch.Tensor) -> torch.Tensor:
     """Indices of the rows of ``u`` (``m x r``, ``m >= r``), best-conditioned ``r`` first.
@@ -30,10 +32,12 @@ def pivot_rows(u: torch.Tensor) -> torch.Tensor:
     if u.ndim != 2 or u.shape[0] < u.shape[1]:
         raise ValueError(f"expected a tall factor (m >= r), got shape {tuple(u.shape)}")
     matrix = u.detach().to("cpu", torch.float64).T.numpy()
-    _, _, pivots = scipy.linalg.qr(matrix, mode="economic", pivoting=True)
+    with single_threaded_blas():  # a busy core stalls OpenBLAS's threads as it does torch's
+        _, _, pivots = scipy.linalg.qr(matrix, mode="economic", pivoting=True)
     return torch.as_tensor(pivots.copy(), dtype=torch.long, device=u.device)
 
 
+@single_threaded
 def row_interpolative(
     u: torch.Tensor, c: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -59,6 +63,7 @@ def row_interpolative(
     return rows, mix, kept
 
 
+@single_threaded
 def grouped_interpolative(
     triplets: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from stagecomp.threads import product_threads, single_threaded
+
 # Matrices whose smaller side is at most this go through the exact LAPACK SVD.
 _EXACT_MAX_SIDE = 1024
 # The randomized path is used only when the rank is a small part of the smaller side.
@@ -15,6 +17,7 @@ _SOLVERS = ("auto", "exact", "randomized")
 _GRAM_BLOCK = 4096
 
 
+@single_threaded
 def truncated_svd(
     matrix: torch.Tensor,
     rank: int,
@@ -29,6 +32,9 @@ def truncated_svd(
     O(m n min(m, n)); with four power iterations its error is within 0.5% of the
     optimum even on a slowly decaying spectrum (1000x over 1200 values), and
     closer when the spectrum falls faster.
+
+    Factorizations run on one thread, large products on the caller's threads
+    (:mod:`stagecomp.threads`).
 
     Args:
         matrix: A 2-D float tensor, on any device.
@@ -69,7 +75,8 @@ def small_side_gram(matrix: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     gram = torch.zeros(a.shape[0], a.shape[0], device=a.device, dtype=dtype)
     for start in range(0, a.shape[1], _GRAM_BLOCK):
         block = a[:, start : start + _GRAM_BLOCK].to(dtype)
-        gram.addmm_(block, block.T)
+        with product_threads(a.shape[0] * block.numel()):
+            gram.addmm_(block, block.T)
     return gram
 
 
@@ -87,7 +94,8 @@ def _gram_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tens
     order = torch.argsort(eigenvalues, descending=True)[:rank]
     s = eigenvalues[order].clamp_min(0).sqrt()
     u = eigenvectors[:, order]
-    projected = u.T @ a
+    with product_threads(a.numel() * rank):
+        projected = u.T @ a
     safe = torch.where(s > 0, s, torch.ones_like(s))
     vh = torch.where((s > 0)[:, None], projected / safe[:, None], torch.zeros_like(projected))
     if transpose:
@@ -104,11 +112,20 @@ def _randomized_svd(
     generator = torch.Generator(device=a.device).manual_seed(seed)
     width = rank + _OVERSAMPLE
     omega = torch.randn(a.shape[1], width, generator=generator, device=a.device, dtype=a.dtype)
-    q, _ = torch.linalg.qr(a @ omega)
+    macs = a.numel() * width  # of each product with a
+    with product_threads(macs):
+        sample = a @ omega
+    q, _ = torch.linalg.qr(sample)
     for _ in range(_POWER_ITERS):
-        q, _ = torch.linalg.qr(a.T @ q)
-        q, _ = torch.linalg.qr(a @ q)
-    ub, s, vh = torch.linalg.svd(q.T @ a, full_matrices=False)
+        with product_threads(macs):
+            sample = a.T @ q
+        q, _ = torch.linalg.qr(sample)
+        with product_threads(macs):
+            sample = a @ q
+        q, _ = torch.linalg.qr(sample)
+    with product_threads(macs):
+        sample = q.T @ a
+    ub, s, vh = torch.linalg.svd(sample, full_matrices=False)
     u = q @ ub
     u, s, vh = u[:, :rank], s[:rank], vh[:rank]
     if transpose:
@@ -116,11 +133,13 @@ def _randomized_svd(
     return u, s, vh
 
 
+@single_threaded
 def singular_values(matrix: torch.Tensor) -> torch.Tensor:
     """All singular values of ``matrix``, largest first (no vectors computed)."""
     return torch.linalg.svdvals(matrix)
 
 
+@single_threaded
 def svd_recompress(
     left: torch.Tensor, right: torch.Tensor, rank: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

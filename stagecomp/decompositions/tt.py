@@ -12,14 +12,22 @@ Every function here is plain torch on the input's device and dtype.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 
 import torch
 
 from stagecomp.decompositions.svd import truncated_svd
+from stagecomp.threads import single_threaded
 
 # Below this many columns per product, tt_matrix_apply runs one big GEMM instead of a bmm.
 _FEW_COLUMNS = 128
+
+MAX_TT_CORES = 32
+"""Most modes a TT-matrix side is split into: far beyond any useful layer (a 2**32-channel
+side has 32 prime factors of 2), and a bound on what a recipe can make a load allocate."""
+
+_TRIAL_LIMIT = 1 << 16
 
 TTRanks = int | Sequence[int] | None
 """Bond ranks as the functions here take them: one cap for every bond, one per bond, or None."""
@@ -54,9 +62,14 @@ def factorize_modes(n: int, d: int) -> tuple[int, ...]:
     n, d = int(n), int(d)
     if n < 1 or d < 1:
         raise ValueError(f"factorize_modes needs n >= 1 and d >= 1, got n={n}, d={d}")
+    if d > MAX_TT_CORES:
+        raise ValueError(f"factorize_modes splits into at most {MAX_TT_CORES} modes, got d={d}")
     primes: list[int] = []
     rest, p = n, 2
-    while p * p <= rest:
+    # Trial division up to _TRIAL_LIMIT finds every prime factor of a channel count below
+    # _TRIAL_LIMIT**2 (2**32); a larger remainder is kept as one factor (the product is
+    # still n), so a huge prime cannot make this run for hours.
+    while p * p <= rest and p <= _TRIAL_LIMIT:
         while rest % p == 0:
             primes.append(p)
             rest //= p
@@ -70,6 +83,7 @@ def factorize_modes(n: int, d: int) -> tuple[int, ...]:
     return tuple(sorted(bins, reverse=True))
 
 
+@single_threaded
 def tt_svd(
     tensor: torch.Tensor,
     ranks: TTRanks = None,
@@ -120,6 +134,7 @@ def tt_svd(
     return cores
 
 
+@single_threaded
 def tt_round(
     cores: Sequence[torch.Tensor],
     ranks: TTRanks = None,
@@ -181,6 +196,7 @@ def tt_to_dense(cores: Sequence[torch.Tensor]) -> torch.Tensor:
     return result.reshape(*(int(c.shape[1]) for c in cores))
 
 
+@single_threaded
 def tt_matrix(
     matrix: torch.Tensor,
     out_modes: Sequence[int],
@@ -324,35 +340,52 @@ def tt_matrix_modes(
     cores: int,
     out_modes: Sequence[int] | None = None,
     in_modes: Sequence[int] | None = None,
+    *,
+    option: str = "tt",
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Row and column modes of a TT-matrix: the given ones, checked, or balanced ones.
 
     When only one side is given, the other is factorised into as many modes.
-    ``cores`` is used only when neither is given.
+    ``cores`` is used only when neither is given. ``option`` is the prefix of the
+    options the modes came from (``tt_in_modes``, ``ht_in_modes``), for the messages.
 
     Raises:
         ValueError: naming the modes and sizes that do not fit.
     """
-    if out_modes is None and in_modes is None and (isinstance(cores, bool) or cores < 1):
-        raise ValueError(f"the number of TT cores must be a positive integer, got {cores!r}")
+    if (
+        out_modes is None
+        and in_modes is None
+        and (
+            isinstance(cores, bool) or not isinstance(cores, int) or not 1 <= cores <= MAX_TT_CORES
+        )
+    ):
+        raise ValueError(
+            f"{option}_cores must be an integer from 1 to {MAX_TT_CORES}, got {cores!r}"
+        )
     checked: list[tuple[int, ...] | None] = []
     for side, size, modes in (("out", out_size, out_modes), ("in", in_size, in_modes)):
         if modes is None:
             checked.append(None)
             continue
         values = tuple(modes)
-        if not values or any(isinstance(m, bool) or int(m) != m or m < 1 for m in values):
-            raise ValueError(f"tt_{side}_modes {values} must be positive integers")
-        values = tuple(int(m) for m in values)
+        if not 1 <= len(values) <= MAX_TT_CORES:
+            raise ValueError(
+                f"{option}_{side}_modes has {len(values)} modes; expected 1 to {MAX_TT_CORES}"
+            )
+        if any(isinstance(m, bool) or not hasattr(m, "__index__") or m < 1 for m in values):
+            raise ValueError(f"{option}_{side}_modes {values} must be positive integers")
+        values = tuple(operator.index(m) for m in values)
         if math.prod(values) != size:
             raise ValueError(
-                f"tt_{side}_modes {values} multiply to {math.prod(values)}, "
+                f"{option}_{side}_modes {values} multiply to {math.prod(values)}, "
                 f"but the layer has {size} {side}put channels (per group)"
             )
         checked.append(values)
     outs, ins = checked
     if outs is not None and ins is not None and len(outs) != len(ins):
-        raise ValueError(f"tt_out_modes {outs} and tt_in_modes {ins} must have the same length")
+        raise ValueError(
+            f"{option}_out_modes {outs} and {option}_in_modes {ins} must have the same length"
+        )
     count = len(outs) if outs is not None else len(ins) if ins is not None else int(cores)
     return (
         outs if outs is not None else factorize_modes(out_size, count),

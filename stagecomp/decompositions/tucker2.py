@@ -7,34 +7,52 @@ columns. As a layer this is a 1x1 conv ``in -> r_in``, a ``kh x kw`` conv
 
 The factors come from the HOSVD (leading eigenvectors of the small channel
 Gram matrices, formed in float64: ~10x cheaper than an SVD of the wide
-unfoldings and as accurate) refined by a few HOOI sweeps, which maximise the
-core's energy one mode at a time and so never increase the error.
+unfoldings and as accurate) refined by HOOI sweeps, which maximise the core's
+energy one mode at a time and so never increase the error. The sweeps run until
+one improves the relative error by less than a tolerance, as tensorly's
+``partial_tucker`` (MUSCO's default) does, capped by a sweep count.
 """
 
 from __future__ import annotations
 
+import logging
+import math
+
 import torch
 
+from stagecomp.threads import product_threads, single_threaded
 
+logger = logging.getLogger(__name__)
+
+#: Default cap on HOOI sweeps and default tolerance (see ``DecomposeOptions``).
+HOOI_ITERS = 30
+HOOI_TOL = 1e-4
+
+
+@single_threaded
 def tucker2(
     kernel: torch.Tensor,
     ranks: tuple[int, int],
     *,
-    hooi_iters: int = 1,
+    hooi_iters: int = HOOI_ITERS,
+    hooi_tol: float = HOOI_TOL,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Tucker decomposition of ``kernel`` over its output and input channel modes.
 
     The sweep order matches tensorly's ``partial_tucker`` (output mode first,
-    then input mode), so ``hooi_iters=n`` reproduces its result after ``n``
-    iterations. Eigenvectors are sign-fixed (largest entry positive), so the
-    result is deterministic.
+    then input mode), so ``hooi_iters=n, hooi_tol=0`` reproduces its result
+    after ``n`` iterations. Eigenvectors are sign-fixed (largest entry
+    positive), so the result is deterministic.
 
     Args:
         kernel: A float tensor of shape ``(out, in, kh, kw)``, on any device.
             float32 and float64 are used as they are; other dtypes run in float32.
         ranks: ``(r_out, r_in)`` with ``1 <= r_out <= out`` and ``1 <= r_in <= in``.
             At ``(out, in)`` the decomposition is exact.
-        hooi_iters: HOOI sweeps after the HOSVD start; 0 keeps the plain HOSVD.
+        hooi_iters: Most HOOI sweeps after the HOSVD start; 0 keeps the plain HOSVD,
+            1 is a single sweep.
+        hooi_tol: Stop once a sweep lowers the relative error ``||W - W_r|| / ||W||``
+            by less than this (0: run all ``hooi_iters`` sweeps).
 
     Returns:
         ``core`` of shape ``(r_out, r_in, kh, kw)``, ``u_out`` of shape ``(out, r_out)``
@@ -48,6 +66,8 @@ def tucker2(
     r_out, r_in = _check_ranks(ranks, n_out, n_in)
     if hooi_iters < 0:
         raise ValueError(f"hooi_iters must be 0 or more, got {hooi_iters}")
+    if not hooi_tol >= 0:
+        raise ValueError(f"hooi_tol must be 0 or more, got {hooi_tol}")
     x = _working(kernel).reshape(n_out, n_in, kh * kw)
 
     # HOSVD start. With at least one sweep only u_in is used: the first sweep
@@ -55,22 +75,39 @@ def tucker2(
     u_in = _leading_vectors(x, 1, r_in)
     if hooi_iters == 0:
         u_out = _leading_vectors(x, 0, r_out)
-        y = _project_out(x, u_out)
-    for _ in range(hooi_iters):
+        core = _project_in(_project_out(x, u_out), u_in)
+        return core.reshape(r_out, r_in, kh, kw), u_out, u_in
+    # With orthonormal factors ||W - W_r||^2 = ||W||^2 - ||core||^2: the error of
+    # each sweep costs a norm of the core. Norms in float64 keep the difference.
+    norm2 = float(torch.linalg.vector_norm(x, dtype=torch.float64)) ** 2
+    error = math.inf
+    sweeps = 0
+    while sweeps < hooi_iters:
+        sweeps += 1
         u_out = _leading_vectors(_project_in(x, u_in), 0, r_out)
         y = _project_out(x, u_out)
         u_in = _leading_vectors(y, 1, r_in)
-    core = _project_in(y, u_in)
+        core = _project_in(y, u_in)
+        if hooi_tol == 0:
+            continue
+        energy = float(torch.linalg.vector_norm(core, dtype=torch.float64)) ** 2
+        new_error = math.sqrt(max(norm2 - energy, 0.0) / norm2) if norm2 > 0 else 0.0
+        improved, error = error - new_error, new_error
+        if improved < hooi_tol or error == 0.0:
+            break
+    logger.debug("Tucker2 %s at ranks %s: %d HOOI sweeps", tuple(kernel.shape), ranks, sweeps)
     return core.reshape(r_out, r_in, kh, kw), u_out, u_in
 
 
+@single_threaded
 def tucker2_recompress(
     core: torch.Tensor,
     u_out: torch.Tensor,
     u_in: torch.Tensor,
     ranks: tuple[int, int],
     *,
-    hooi_iters: int = 1,
+    hooi_iters: int = HOOI_ITERS,
+    hooi_tol: float = HOOI_TOL,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``tucker2`` of the kernel ``core x0 u_out x1 u_in`` without forming that kernel.
 
@@ -87,7 +124,8 @@ def tucker2_recompress(
         ranks: The new ``(r_out, r_in)``, from 1 to ``(out, in)``; they may exceed
             the current ``(c_out, c_in)``, in which case the extra directions carry
             no energy.
-        hooi_iters: HOOI sweeps, as for ``tucker2``.
+        hooi_iters: Most HOOI sweeps, as for ``tucker2``.
+        hooi_tol: HOOI tolerance, as for ``tucker2``.
 
     Returns:
         ``(core, u_out, u_in)`` as ``tucker2`` of the dense kernel gives them, up to
@@ -111,7 +149,10 @@ def tucker2_recompress(
     q_in, t_in = _orthonormal_basis(u_in.to(dtype), r_in)
     small = _project_in(_project_out(core.to(dtype).reshape(c_out, c_in, -1), t_out.T), t_in.T)
     small_core, v_out, v_in = tucker2(
-        small.reshape(t_out.shape[0], t_in.shape[0], kh, kw), (r_out, r_in), hooi_iters=hooi_iters
+        small.reshape(t_out.shape[0], t_in.shape[0], kh, kw),
+        (r_out, r_in),
+        hooi_iters=hooi_iters,
+        hooi_tol=hooi_tol,
     )
     # Fix the signs on the final vectors, as tucker2 of the dense kernel does, and
     # flip the matching core slices so the product is unchanged.
@@ -148,7 +189,8 @@ def _working(tensor: torch.Tensor) -> torch.Tensor:
 def _gram_out(x: torch.Tensor) -> torch.Tensor:
     """Gram matrix ``(a, a)`` of the mode-0 unfolding of ``x`` (a, b, k), in float64."""
     flat = x.reshape(x.shape[0], -1).to(_gram_dtype(x))
-    return flat @ flat.T
+    with product_threads(flat.shape[0] * flat.numel()):
+        return flat @ flat.T
 
 
 def _gram_in(x: torch.Tensor) -> torch.Tensor:
@@ -156,7 +198,8 @@ def _gram_in(x: torch.Tensor) -> torch.Tensor:
     a, b, k = x.shape
     flat = torch.empty((b, a, k), dtype=_gram_dtype(x), device=x.device)
     flat = flat.copy_(x.transpose(0, 1)).reshape(b, a * k)  # one copy: transpose and cast
-    return flat @ flat.T
+    with product_threads(b * flat.numel()):
+        return flat @ flat.T
 
 
 def _gram_dtype(x: torch.Tensor) -> torch.dtype:
@@ -174,12 +217,14 @@ def _gram_dtype(x: torch.Tensor) -> torch.dtype:
 def _project_out(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """``x x0 u.T``: (a, b, k) with u (a, r) -> (r, b, k)."""
     a, b, k = x.shape
-    return (u.T @ x.reshape(a, b * k)).reshape(u.shape[1], b, k)
+    with product_threads(x.numel() * u.shape[1]):
+        return (u.T @ x.reshape(a, b * k)).reshape(u.shape[1], b, k)
 
 
 def _project_in(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """``x x1 u.T``: (a, b, k) with u (b, r) -> (a, r, k)."""
-    return torch.einsum("abk,br->ark", x, u)
+    with product_threads(x.numel() * u.shape[1]):
+        return torch.einsum("abk,br->ark", x, u)
 
 
 def _leading_vectors(x: torch.Tensor, mode: int, rank: int) -> torch.Tensor:

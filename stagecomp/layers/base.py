@@ -9,6 +9,7 @@ many parameters a rank costs.
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Sequence
 from typing import Any, ClassVar, TypeVar
@@ -16,7 +17,13 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from torch import nn
 
-from stagecomp.errors import NonFiniteWeightError, RankError, UnsupportedLayerError
+from stagecomp.errors import (
+    NonFiniteWeightError,
+    RankError,
+    StagecompError,
+    UnsupportedLayerError,
+)
+from stagecomp.layer_kinds import plain_weight
 from stagecomp.layer_shape import LayerShape
 from stagecomp.layers.factory import Factory
 from stagecomp.options import DecomposeOptions
@@ -29,6 +36,8 @@ _LayerT = TypeVar("_LayerT", bound="DecomposedLayer")
 # Below this many weights the factorisation runs in float64: it costs little and
 # keeps full-rank reconstructions exact to ~1e-12.
 _FLOAT64_MAX_NUMEL = 1 << 18
+# Beyond this magnitude float32 sums of squares (norms, Gram matrices) overflow.
+_HUGE = 2.0**60
 
 
 def describe(shape: LayerShape, name: str | None) -> str:
@@ -37,15 +46,47 @@ def describe(shape: LayerShape, name: str | None) -> str:
     if shape.kind == "linear":
         return f"{label} (Linear {shape.in_channels}->{shape.out_channels})"
     kh, kw = shape.kernel_size
+    if shape.kind == "conv1d":
+        groups = f", groups={shape.groups}" if shape.groups > 1 else ""
+        return f"{label} (Conv1d {shape.in_channels}->{shape.out_channels}, {kw}{groups})"
     groups = f", groups={shape.groups}" if shape.groups > 1 else ""
     return f"{label} (Conv2d {shape.in_channels}->{shape.out_channels}, {kh}x{kw}{groups})"
 
 
 def math_dtype(weight: torch.Tensor) -> torch.dtype:
-    """The dtype the factorisation runs in: float64 for small layers, else float32."""
+    """The dtype the factorisation runs in: float64 for small layers, else float32.
+
+    Weights so large that float32 sums of their squares overflow (beyond ``2**60``)
+    are factorised in float64 too, whatever the layer's size, so their factors stay
+    finite where the layer's dtype can hold them.
+    """
     if weight.dtype == torch.float64 or weight.numel() <= _FLOAT64_MAX_NUMEL:
         return torch.float64
+    if weight.device.type != "meta" and float(weight.detach().abs().max()) > _HUGE:
+        return torch.float64
     return torch.float32
+
+
+def _largest(tensor: torch.Tensor) -> float:
+    return float(tensor.detach().abs().max()) if tensor.numel() else 0.0
+
+
+def factorisation_failed(
+    shape: LayerShape, name: str | None, weight: torch.Tensor, error: Exception
+) -> StagecompError:
+    """The error to raise when the linear algebra of a factorisation fails (``LinAlgError``).
+
+    With weights of huge magnitude it is a ``NonFiniteWeightError`` (their squares
+    overflow); otherwise a ``StagecompError`` naming the layer and the cause.
+    """
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    largest = _largest(weight)
+    text = (
+        f"{describe(shape, name)}: the factorisation failed ({first}); largest |w| = {largest:.3g}"
+    )
+    if not math.isfinite(largest) or largest > _HUGE:
+        return NonFiniteWeightError(f"{text}: weights this large cannot be factorised")
+    return StagecompError(text)
 
 
 def _check_finite(shape: LayerShape, name: str | None, tensors: Sequence[torch.Tensor]) -> None:
@@ -55,6 +96,31 @@ def _check_finite(shape: LayerShape, name: str | None, tensors: Sequence[torch.T
             f"{describe(shape, name)} has NaN or infinite weights; "
             "only finite weights can be decomposed"
         )
+
+
+def _roles(module: nn.Module) -> tuple[bool, bool | None, torch.Tensor]:
+    """``(weight trained, bias trained or None, a weight tensor)`` of a layer.
+
+    The weight of a Linear / Conv2d, or the factors of a decomposed layer (trained when
+    any factor is); the tensor gives the device and dtype to match.
+    """
+    if isinstance(module, DecomposedLayer):
+        bias = module.bias_parameter()
+        factors = [p for p in module.parameters() if p is not bias]
+        if not factors:
+            raise UnsupportedLayerError(f"{type(module).__name__} has no factors")
+        trained = any(p.requires_grad for p in factors)
+        reference = next((p for p in factors if p.requires_grad), factors[0])
+        return trained, None if bias is None else bias.requires_grad, reference
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        raise UnsupportedLayerError(f"{type(module).__name__} has no weight tensor")
+    bias = getattr(module, "bias", None)
+    return (
+        weight.requires_grad,
+        bias.requires_grad if isinstance(bias, torch.Tensor) else None,
+        weight,
+    )
 
 
 class DecomposedLayer(nn.Module):
@@ -74,6 +140,9 @@ class DecomposedLayer(nn.Module):
     """The ``LayerShape.kind`` values this class replaces."""
     rank_names: ClassVar[tuple[str, ...]] = ("rank",)
     """What each rank number means, for messages and reports."""
+    structure_keys: ClassVar[tuple[str, ...]] = ()
+    """The ``DecomposeOptions`` fields ``structure()`` records; a recipe entry may set only
+    these (a hostile file could otherwise set any option, e.g. a huge iteration count)."""
 
     def __init__(
         self,
@@ -180,6 +249,16 @@ class DecomposedLayer(nn.Module):
             )
 
     @classmethod
+    def cap_rank(cls, shape: LayerShape, rank: Rank, options: DecomposeOptions) -> Rank:
+        """One integer above the largest full rank means full rank (it is a cap on every
+        rank), so ``Manual(rank=64)`` also serves layers with fewer channels; anything else
+        is returned as given, for ``normalize_rank`` to check."""
+        whole = not isinstance(rank, (Sequence, bool, str)) and hasattr(rank, "__index__")
+        if whole and operator.index(rank) >= 1:  # type: ignore[arg-type]
+            return min(operator.index(rank), max(cls.full_rank(shape, options)))  # type: ignore[arg-type]
+        return rank
+
+    @classmethod
     def normalize_rank(
         cls,
         shape: LayerShape,
@@ -252,15 +331,18 @@ class DecomposedLayer(nn.Module):
         if isinstance(module, DecomposedLayer):
             weight, bias = module.dense_weight(), module.dense_bias()
         else:
-            weight = module.weight  # type: ignore[assignment]
+            weight = plain_weight(module)
             bias = module.bias  # type: ignore[assignment]
         with torch.no_grad():
             dtype = math_dtype(weight)
             w = weight.detach().to(dtype)
             b = None if bias is None else bias.detach().to(dtype)
             _check_finite(shape, name, [w] if b is None else [w, b])
-            layer = cls.from_weights(shape, w, b, ranks, options)
-        return layer.matched_to(weight, module.training)
+            try:
+                layer = cls.from_weights(shape, w, b, ranks, options)
+            except torch.linalg.LinAlgError as error:
+                raise factorisation_failed(shape, name, w, error) from None
+        return layer.matched_to(module, name)
 
     @classmethod
     def _with_factors(
@@ -278,16 +360,48 @@ class DecomposedLayer(nn.Module):
             layer._assign(factors, bias)
         return layer
 
-    def matched_to(self: _LayerT, reference: torch.Tensor, training: bool) -> _LayerT:
-        """Move to ``reference``'s device and dtype, take its ``requires_grad`` and ``training``.
+    def matched_to(self: _LayerT, source: nn.Module, name: str | None = None) -> _LayerT:
+        """Look like ``source``, the layer this one replaces, to the model and the optimizer.
 
-        Factors are computed in float32/float64; the new layer must still look
-        like the one it replaces to the rest of the model and to the optimizer.
+        Factors are computed in float32/float64: move to the device and dtype of
+        ``source``'s weight, take its train/eval mode and, per parameter role, its
+        ``requires_grad`` (the factors take the weight's, the bias the bias's, so a frozen
+        weight leaves a trainable bias trainable).
+
+        Raises:
+            NonFiniteWeightError: a factor is not finite in that dtype (weights near the
+                dtype's largest value give factors beyond it).
         """
+        reference = _roles(source)[2]
         self.to(device=reference.device, dtype=reference.dtype)
-        self.train(training)
-        self.requires_grad_(reference.requires_grad)
+        self.train(source.training)
+        self.take_requires_grad(source)
+        with torch.no_grad():
+            if not all(bool(torch.isfinite(p).all()) for p in self.parameters()):
+                raise NonFiniteWeightError(
+                    f"{describe(self.shape, name)}: its {self.method} factors are not finite in "
+                    f"{reference.dtype} (largest |w| = {_largest(reference):.3g}); scale the "
+                    "weights down, or compress the layer in a wider dtype"
+                )
         return self
+
+    def bias_parameter(self) -> nn.Parameter | None:
+        """The parameter that holds the dense layer's bias, or ``None``."""
+        bias = self.dense_bias()
+        return bias if isinstance(bias, nn.Parameter) else None
+
+    def take_requires_grad(self, source: nn.Module) -> None:
+        """``requires_grad`` per role from ``source``, the layer this one replaces."""
+        weight, bias, _ = _roles(source)
+        self.set_requires_grad(weight, bias)
+
+    def set_requires_grad(self, weight: bool, bias: bool | None = None) -> None:
+        """``requires_grad`` per role: ``weight`` for the factors, ``bias`` for the bias
+        (``None``: as the factors)."""
+        bias_param = self.bias_parameter()
+        for param in self.parameters():
+            trained = bias if param is bias_param and bias is not None else weight
+            param.requires_grad_(trained)
 
     def recompressed(
         self: _LayerT, rank: Rank, options: DecomposeOptions | None = None, name: str | None = None
@@ -295,18 +409,20 @@ class DecomposedLayer(nn.Module):
         """This layer at smaller ranks, for a later compression stage.
 
         The new layer keeps this one's structure (``structure()``), device, dtype
-        and mode; it is trained (``requires_grad``) when any part of this one is.
+        and mode, and ``requires_grad`` per role (factors, bias) as ``matched_to`` gives it.
         """
         options = (options or self.options).updated(self.structure())
         ranks = self.normalize_rank(self.shape, rank, options, name)
         params = list(self.parameters())
-        reference = next((p for p in params if p.requires_grad), params[0])
         with torch.no_grad():
             _check_finite(self.shape, name, params)
-            layer = self._refactored(ranks, options)
-        return layer.matched_to(reference, self.training)
+            try:
+                layer = self._refactored(ranks, options)
+            except torch.linalg.LinAlgError as error:
+                raise factorisation_failed(self.shape, name, params[0], error) from None
+        return layer.matched_to(self, name)
 
-    def to_dense(self) -> nn.Linear | nn.Conv2d:
+    def to_dense(self) -> nn.Linear | nn.Conv2d | nn.Conv1d:
         """An ordinary layer computing the same function, on this layer's device and dtype."""
         weight = self.dense_weight()
         bias = self.dense_bias()
@@ -317,6 +433,14 @@ class DecomposedLayer(nn.Module):
                 dense.bias.copy_(bias)
         dense.train(self.training)
         return dense
+
+    def as_2d(self, x: torch.Tensor) -> torch.Tensor:
+        """A Conv1d input ``(N, C, L)`` as the ``(N, C, 1, L)`` the 2-D sub-layers take."""
+        return x.unsqueeze(-2) if self.shape.kind == "conv1d" else x
+
+    def from_2d(self, y: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`as_2d` on the output."""
+        return y.squeeze(-2) if self.shape.kind == "conv1d" else y
 
     def extra_repr(self) -> str:
         names = self._names(len(self.ranks))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -109,6 +110,54 @@ class InterpolativeLayer(GroupedSVDLayer):
         self.order.copy_(order)
         if bias is not None and self.bias is not None:
             self.bias.copy_(bias)
+
+    def order_problem(self, order: torch.Tensor) -> str | None:
+        """Why ``order`` cannot be this layer's output order, or ``None``.
+
+        It must be an integer tensor of one entry per output channel, a permutation, and
+        send each group's channels to that group's own rows (``first`` then ``second``):
+        out-of-range entries would fail at the first forward, duplicated ones would give
+        wrong outputs silently.
+        """
+        shape, (rank,) = self.shape, self.ranks
+        groups, per_group, out = shape.groups, shape.out_per_group, shape.out_channels
+        if order.dtype.is_floating_point or order.dtype.is_complex or order.dtype == torch.bool:
+            return f"order has dtype {order.dtype}; expected integers"
+        if tuple(order.shape) != (out,):
+            return f"order has shape {tuple(order.shape)}; expected ({out},)"
+        values = order.detach().to(device="cpu", dtype=torch.long)
+        if out and (int(values.min()) < 0 or int(values.max()) >= out):
+            return f"order has entries outside 0..{out - 1}"
+        if out and int(torch.bincount(values, minlength=out).max()) > 1:
+            return "order repeats entries; expected a permutation of the output channels"
+        kept = groups * rank
+        owner = torch.where(
+            values < kept, values // rank, (values - kept) // max(per_group - rank, 1)
+        )
+        if not torch.equal(owner, torch.arange(out) // per_group):
+            return "order sends a group's channels to another group's rows"
+        return None
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        """Refuse an ``order`` that is not a valid output order (see ``order_problem``)."""
+        order = state_dict.get(prefix + "order")
+        if isinstance(order, torch.Tensor):
+            problem = self.order_problem(order)
+            if problem is not None:
+                error_msgs.append(f"{prefix}order: {problem}")
+                return  # leave this layer as it is; load_state_dict raises with the message
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.first(x)

@@ -21,7 +21,7 @@ class SVDConv2d(GroupedSVDLayer):
     """A Conv2d factorised by truncated SVD of each group's unfolded kernel."""
 
     method = "svd"
-    kinds = ("conv2d",)
+    kinds = ("conv2d", "conv1d")
 
     def _build(self, new: Factory) -> None:
         shape, (rank,) = self.shape, self.ranks
@@ -58,7 +58,7 @@ class SVDConv2d(GroupedSVDLayer):
             self.second.bias.copy_(bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.second(self.first(x))
+        return self.from_2d(self.second(self.first(self.as_2d(x))))
 
     def dense_weight(self) -> torch.Tensor:
         shape = self.shape

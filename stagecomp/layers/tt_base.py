@@ -29,6 +29,7 @@ class TTLayer(DecomposedLayer):
     """Channel cores when neither ``options.tt_cores`` nor explicit modes are given."""
     min_cores: ClassVar[int] = 1
     """Fewest channel cores that make a TT (a Linear needs two)."""
+    structure_keys = ("tt_in_modes", "tt_out_modes")
 
     in_modes: tuple[int, ...]
     out_modes: tuple[int, ...]

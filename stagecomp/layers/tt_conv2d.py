@@ -21,7 +21,6 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from stagecomp.decompositions.tt import (
@@ -32,8 +31,7 @@ from stagecomp.decompositions.tt import (
     tt_round,
     tt_svd,
 )
-from stagecomp.errors import UnsupportedLayerError
-from stagecomp.layer_shape import LayerShape
+from stagecomp.layers.conv_geometry import convolve, explicit_padding, output_pixels
 from stagecomp.layers.factory import Factory
 from stagecomp.layers.init import init_bias_, init_tt_cores_
 from stagecomp.layers.tt_base import TTLayer
@@ -70,7 +68,7 @@ class TTConv2d(TTLayer):
         fan_in = shape.in_per_group * shape.kernel_numel
         init_tt_cores_([*self.cores, self.kernel], fan_in, self.ranks)
         init_bias_(self.bias, fan_in)
-        self._pads = _explicit_padding(shape)
+        self._pads = explicit_padding(shape)
         self._costs = self._contraction_costs()
 
     def _decompose(self, weight: torch.Tensor) -> list[list[torch.Tensor]]:
@@ -139,11 +137,7 @@ class TTConv2d(TTLayer):
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: int
     ) -> torch.Tensor:
         """A convolution with this layer's stride, padding, dilation and padding mode."""
-        shape = self.shape
-        if shape.padding_mode == "zeros":
-            return F.conv2d(x, weight, bias, shape.stride, shape.padding, shape.dilation, groups)
-        x = F.pad(x, self._pads, mode=shape.padding_mode)
-        return F.conv2d(x, weight, bias, shape.stride, 0, shape.dilation, groups)
+        return convolve(self.shape, self._pads, x, weight, bias, groups)
 
     def _contraction_costs(self) -> tuple[int, int, int]:
         """MACs: TT sweep per output pixel, dense conv per output pixel, kernel assembly."""
@@ -174,18 +168,7 @@ class TTConv2d(TTLayer):
             )
         if self.contraction != "auto":
             return self.contraction == "dense"
-        shape = self.shape
-        left, right, top, bottom = self._pads
-        pixels = 1
-        for size, pad, k, dil, stride in zip(
-            x.shape[-2:],
-            (top + bottom, left + right),
-            shape.kernel_size,
-            shape.dilation,
-            shape.stride,
-            strict=True,
-        ):
-            pixels = pixels * max((size + pad - dil * (k - 1) - 1) // stride + 1, 0)
+        pixels = output_pixels(self.shape, self._pads, x)
         sweep, dense, assembly = self._costs
         positions = x.shape[0] * pixels
         return assembly + positions * dense < positions * sweep
@@ -206,20 +189,3 @@ class TTConv2d(TTLayer):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, out_modes={self.out_modes}, in_modes={self.in_modes}"
-
-
-def _explicit_padding(shape: LayerShape) -> tuple[int, int, int, int]:
-    """``(left, right, top, bottom)`` padding as F.pad takes it, the way nn.Conv2d pads."""
-    if shape.padding == "valid":
-        return (0, 0, 0, 0)
-    if shape.padding == "same":
-        pads: list[int] = []
-        for k, dil in zip(reversed(shape.kernel_size), reversed(shape.dilation), strict=True):
-            total = dil * (k - 1)
-            pads += [total // 2, total - total // 2]
-        left, right, top, bottom = pads
-        return (left, right, top, bottom)
-    if isinstance(shape.padding, str):
-        raise UnsupportedLayerError(f"padding {shape.padding!r}: allowed 'same', 'valid' or ints")
-    ph, pw = shape.padding
-    return (pw, pw, ph, ph)

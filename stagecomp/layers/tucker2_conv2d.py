@@ -31,7 +31,7 @@ class Tucker2Conv2d(DecomposedLayer):
     """
 
     method = "tucker2"
-    kinds = ("conv2d",)
+    kinds = ("conv2d", "conv1d")
     rank_names = ("r_out", "r_in")
 
     def _build(self, new: Factory) -> None:
@@ -94,7 +94,12 @@ class Tucker2Conv2d(DecomposedLayer):
         last = self.last.weight.double().reshape(groups, -1, r_out)
         factors = [
             tucker2_recompress(
-                core[g], last[g], first[g].T, (ranks[0], ranks[1]), hooi_iters=options.hooi_iters
+                core[g],
+                last[g],
+                first[g].T,
+                (ranks[0], ranks[1]),
+                hooi_iters=options.hooi_iters,
+                hooi_tol=options.hooi_tol,
             )
             for g in range(groups)
         ]
@@ -102,7 +107,12 @@ class Tucker2Conv2d(DecomposedLayer):
 
     def _decompose(self, weight: torch.Tensor) -> list[_Factors]:
         return [
-            tucker2(group, (self.ranks[0], self.ranks[1]), hooi_iters=self.options.hooi_iters)
+            tucker2(
+                group,
+                (self.ranks[0], self.ranks[1]),
+                hooi_iters=self.options.hooi_iters,
+                hooi_tol=self.options.hooi_tol,
+            )
             for group in self.shape.grouped_weight(weight)
         ]
 
@@ -126,7 +136,7 @@ class Tucker2Conv2d(DecomposedLayer):
             self.last.bias.copy_(bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.last(self.core(self.first(x)))
+        return self.from_2d(self.last(self.core(self.first(self.as_2d(x)))))
 
     def dense_weight(self) -> torch.Tensor:
         shape = self.shape

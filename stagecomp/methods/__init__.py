@@ -10,7 +10,7 @@ from __future__ import annotations
 # isort: off
 # The import order is the registration order, which is the order users see methods
 # in: METHODS, the CLI's choices, error messages.
-from stagecomp.methods import svd, svd_id, tucker2, cp3, cp4, tt  # noqa: F401
+from stagecomp.methods import svd, svd_id, tucker2, cp3, cp4, tt, ht  # noqa: F401
 
 # isort: on
 from stagecomp.layers.base import DecomposedLayer

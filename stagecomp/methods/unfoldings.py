@@ -12,14 +12,18 @@ import torch
 from torch import nn
 
 from stagecomp.errors import NonFiniteWeightError, RankError
+from stagecomp.layer_kinds import plain_weight
 from stagecomp.layer_shape import LayerShape
 from stagecomp.layers.base import DecomposedLayer, describe
 
 
 def dense_weight(module: nn.Module, name: str | None) -> torch.Tensor:
     """The weight ``module`` computes with, detached (decomposed layers rebuild it)."""
-    weight = module.dense_weight() if isinstance(module, DecomposedLayer) else module.weight
-    if not isinstance(weight, torch.Tensor):
+    if isinstance(module, DecomposedLayer):
+        weight = module.dense_weight()
+    elif isinstance(getattr(module, "weight", None), torch.Tensor):
+        weight = plain_weight(module)  # a Hugging Face Conv1D's weight is transposed
+    else:
         raise RankError(f"layer {name!r} has no weight tensor")
     return weight.detach()
 

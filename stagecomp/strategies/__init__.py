@@ -4,7 +4,9 @@ A strategy says what it needs through attributes, so nothing above it tests its
 type: ``needs_calibration`` (it reads ``RankRequest.statistics``), ``allows_growth``
 (its ranks are taken as given even when the layer would grow) and
 ``unavailable_reason()`` (why it cannot size any layer, e.g. ``Manual()`` without a
-rank). A strategy that lacks one gets the default of ``strategy_needs``.
+rank) and ``needs_model`` (it sizes the layers together: ``prepare(ModelRequest)`` once
+per stage, then ``pick_method(name, stage)`` for each layer's method). A strategy that
+lacks one gets the default of the helper here that reads it.
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from stagecomp.errors import StagecompError
-from stagecomp.strategies.base import RankRequest, RankStrategy
+from stagecomp.strategies.base import MethodPick, ModelRequest, RankRequest, RankStrategy
 from stagecomp.strategies.data_aware import DataAware
 from stagecomp.strategies.manual import Manual
 from stagecomp.strategies.reduction import Reduction
+from stagecomp.strategies.speedup import Speedup
 from stagecomp.strategies.vbmf import VBMF
 
 StrategyLike = str | RankStrategy
@@ -27,6 +30,7 @@ STRATEGIES: dict[str, Callable[..., RankStrategy]] = {
     "reduction": Reduction,
     "manual": Manual,
     "data_aware": DataAware,
+    "speedup": Speedup,
 }
 """Strategy classes by the name their ``to_dict`` records."""
 
@@ -47,7 +51,8 @@ def resolve_strategy(strategy: StrategyLike) -> RankStrategy:
         hint = f" (a class; pass an instance such as {shown})" if isinstance(strategy, type) else ""
         raise StagecompError(
             f"strategy {strategy!r} is not a strategy{hint}; allowed: {', '.join(_BY_NAME)}, "
-            "stagecomp.VBMF(...), stagecomp.Reduction(...), stagecomp.Manual(...)"
+            "stagecomp.VBMF(...), stagecomp.Reduction(...), stagecomp.Manual(...), "
+            "stagecomp.Speedup(...)"
         )
     return strategy
 
@@ -60,6 +65,18 @@ def needs_calibration(strategy: RankStrategy) -> bool:
 def allows_growth(strategy: RankStrategy) -> bool:
     """Whether ``strategy``'s ranks are kept even when the layer would get larger."""
     return bool(getattr(strategy, "allows_growth", False))
+
+
+def needs_model(strategy: RankStrategy) -> bool:
+    """Whether ``strategy`` sizes the layers together and must be prepared on the whole model."""
+    return bool(getattr(strategy, "needs_model", False))
+
+
+def method_pick(strategy: RankStrategy, name: str, stage: int) -> MethodPick | None:
+    """The method ``strategy`` picks for layer ``name`` at ``stage`` (``None``: it picks none,
+    the plan's method stands)."""
+    pick = getattr(strategy, "pick_method", None)
+    return pick(name, stage) if callable(pick) else None
 
 
 def unavailable_reason(strategy: RankStrategy) -> str | None:
@@ -75,7 +92,8 @@ def strategy_from_dict(data: Mapping[str, Any]) -> RankStrategy:
     if name not in STRATEGIES:
         raise StagecompError(
             f"saved strategy {name!r} is not one stagecomp knows; allowed: "
-            f"{', '.join(STRATEGIES)} (a custom strategy must be passed again)"
+            f"{', '.join(STRATEGIES)} (pass a custom strategy again: "
+            "Compressor.from_state(..., strategy=MyStrategy(...)))"
         )
     for key, value in values.items():
         if isinstance(value, list):
@@ -88,12 +106,17 @@ __all__ = [
     "VBMF",
     "DataAware",
     "Manual",
+    "MethodPick",
+    "ModelRequest",
     "RankRequest",
     "RankStrategy",
     "Reduction",
+    "Speedup",
     "StrategyLike",
     "allows_growth",
+    "method_pick",
     "needs_calibration",
+    "needs_model",
     "resolve_strategy",
     "strategy_from_dict",
     "unavailable_reason",

@@ -1,9 +1,17 @@
-"""What a rank strategy is asked, and the protocol it answers."""
+"""What a rank strategy is asked, and the protocol it answers.
+
+Most strategies size one layer at a time from ``RankRequest``. A strategy that sizes
+the layers together (``Speedup`` spends one latency budget over the whole model) says
+so with ``needs_model = True``: the Compressor then calls its ``prepare(ModelRequest)``
+once per stage, before that stage's first step, and asks ``pick_method(name, stage)``
+which method each layer gets (or why it stays as it is) before asking its ranks.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from torch import nn
 
@@ -48,4 +56,59 @@ class RankStrategy(Protocol):
 
     def to_dict(self) -> dict[str, object]:
         """JSON description, so a run's configuration can be recorded and compared."""
+        ...
+
+
+@dataclass(frozen=True)
+class ModelRequest:
+    """The whole model at the start of a stage, for a strategy that sizes layers together.
+
+    Attributes:
+        model: The model as it is now (dense, or decomposed by earlier stages); a
+            strategy reads it and must leave it as it is.
+        example_input: The Compressor's example input (the shape the model serves).
+        names: The target layers this strategy sizes, in plan order.
+        pinned: Methods named for a layer in ``methods=`` (only those may be used there).
+        stage: 0-based index of the stage about to start.
+        stages: Number of stages planned.
+        options: Decomposition options.
+        batches: The calibration batches, when the Compressor has calibration.
+        forward: How a calibration batch is fed (``Calibration.forward``).
+        output: Picks the tensor gradients are taken of (``Calibration.output``).
+    """
+
+    model: nn.Module
+    example_input: Any
+    names: tuple[str, ...]
+    pinned: Mapping[str, str]
+    stage: int
+    stages: int
+    options: DecomposeOptions
+    batches: Iterable[Any] | None = field(default=None, repr=False)
+    forward: Any = field(default=None, repr=False)
+    output: Any = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class MethodPick:
+    """A whole-model strategy's choice for one layer at one stage.
+
+    Attributes:
+        method: The method to decompose with, or ``None`` to leave the layer as it is.
+        reason: Why the layer is left as it is (with ``method=None``).
+    """
+
+    method: str | None
+    reason: str | None = None
+
+
+class ModelStrategy(RankStrategy, Protocol):
+    """A strategy that sizes the layers together (``needs_model = True``)."""
+
+    def prepare(self, request: ModelRequest) -> None:
+        """Decide every layer of ``request.names`` for ``request.stage`` (before its first step)."""
+        ...
+
+    def pick_method(self, name: str, stage: int) -> MethodPick:
+        """The method of layer ``name`` at ``stage``, or why it stays as it is."""
         ...

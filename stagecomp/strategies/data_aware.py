@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, cast
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -47,8 +47,9 @@ from stagecomp.data_aware import (
 from stagecomp.decompositions.data_aware import weighted_spectrum
 from stagecomp.errors import RankError, StagecompError, UnsupportedLayerError
 from stagecomp.layer_shape import LayerShape
-from stagecomp.layers.base import DecomposedLayer, describe
+from stagecomp.layers.base import describe
 from stagecomp.methods import METHODS, get_method
+from stagecomp.methods.unfoldings import dense_weight
 from stagecomp.options import DecomposeOptions
 from stagecomp.surgery import eval_mode, get_module, replace_module
 
@@ -62,7 +63,8 @@ logger = logging.getLogger(__name__)
 class DataAware:
     """Per-layer budget: the smallest ranks whose output error on the calibration data is small.
 
-    Needs ``Compressor(..., calibration=batches)``. For SVD layers (Linear, 1x1 conv)
+    Needs ``Compressor(..., calibration=stagecomp.Calibration(batches, ...))`` (the
+    Compressor refuses it without). For SVD layers (Linear, 1x1 conv)
     the error is the exact relative output error of the whitened truncation; for
     Tucker2 each channel rank keeps ``1 - tolerance^2`` of its channel energy.
 
@@ -91,7 +93,7 @@ class DataAware:
         if stats is None:
             raise StagecompError(
                 f"layer {request.name!r}: the DataAware strategy needs calibration data; "
-                "pass Compressor(..., calibration=batches)"
+                "pass Compressor(..., calibration=stagecomp.Calibration(batches))"
             )
         shape = request.shape
         handler = get_method(request.cls.method)
@@ -160,7 +162,8 @@ def allocate_ranks(
 
     Returns:
         ``{name: rank}``, or ``None`` for a layer best left dense; usable as
-        ``Compressor(ranks=...)`` together with ``data_aware=``.
+        ``Compressor(ranks=...)`` together with
+        ``calibration=stagecomp.Calibration(batches, factors=...)``.
     """
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not rate > 1:
         raise RankError(f"allocate_ranks rate {rate!r} is not allowed; expected a number > 1")
@@ -178,6 +181,11 @@ def allocate_ranks(
     if method not in SVD_METHODS:
         raise StagecompError(
             f"allocate_ranks method={method!r} is not allowed; expected one of {SVD_METHODS}"
+        )
+    if isinstance(names, str) or not isinstance(names, Sequence) or not names:
+        raise StagecompError(
+            f"allocate_ranks names={names!r} is not allowed; expected a non-empty list of "
+            "Linear / 1x1 conv layer names to share the budget"
         )
     variant = variant or ("gradient" if sensitivity == "gradient" else "whiten")
     check_variant(variant)
@@ -248,11 +256,7 @@ def _layer_costs(
     )
     if sensitivity == "gradient":
         assert stats.gradient_moment is not None
-        weight = (
-            module.dense_weight()
-            if isinstance(module, DecomposedLayer)
-            else cast(torch.Tensor, module.weight)
-        )
+        weight = dense_weight(module, name)  # a Hugging Face Conv1D's weight is transposed
         energy = weighted_spectrum(
             weight.detach().reshape(shape.out_channels, -1),
             stats.input_moment,

@@ -26,6 +26,7 @@ from scipy.optimize import minimize_scalar
 
 from stagecomp.decompositions.svd import small_side_gram
 from stagecomp.errors import NonFiniteWeightError, RankError
+from stagecomp.threads import single_threaded
 
 __all__ = ["EVBMFResult", "evbmf_rank", "tucker2_vbmf_ranks", "weakened_rank"]
 
@@ -59,6 +60,7 @@ class EVBMFResult:
     threshold: float
 
 
+@single_threaded
 def evbmf_rank(
     matrix_or_singular_values: torch.Tensor | Sequence[float],
     shape: Sequence[int] | None = None,

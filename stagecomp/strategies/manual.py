@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import operator
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
 
 from stagecomp.layer_shape import LayerShape
 from stagecomp.layers.base import DecomposedLayer, Rank
@@ -26,12 +23,14 @@ class Manual:
     Attributes:
         rank: Ranks for every layer that has no entry in ``Compressor(ranks=...)``;
             ``None`` compresses only the layers named there.
+        allows_growth: Keep these ranks even where the layer would get more parameters
+            than it has. The Compressor sets it for ranks given to one layer by its exact
+            name in ``ranks=``; elsewhere a layer that would grow is skipped with the reason.
     """
 
     rank: Rank | None = None
 
-    allows_growth: ClassVar[bool] = True
-    """Manual ranks are what the user asked for, even where the layer would grow."""
+    allows_growth: bool = False
 
     def unavailable_reason(self) -> str | None:
         """Why this strategy sizes no layer: no rank given for it."""
@@ -64,12 +63,10 @@ class Manual:
         """The ranks of the last stage: one integer caps every rank at the layer's full
         rank (so ``Manual(rank=64)`` also serves layers with fewer channels); a tuple is
         taken exactly."""
-        rank = self.rank
-        whole = not isinstance(rank, (Sequence, bool)) and hasattr(rank, "__index__")
-        if whole and operator.index(rank) >= 1:  # type: ignore[arg-type]
-            rank = min(operator.index(rank), max(cls.full_rank(shape, options)))  # type: ignore[arg-type]
-        return cls.normalize_rank(shape, rank, options, name)  # type: ignore[arg-type]
+        if self.rank is None:
+            raise ValueError(f"layer {name!r} has no manual rank")
+        return cls.normalize_rank(shape, cls.cap_rank(shape, self.rank, options), options, name)
 
     def to_dict(self) -> dict[str, object]:
         rank = list(self.rank) if isinstance(self.rank, (tuple, list)) else self.rank
-        return {"strategy": "manual", "rank": rank}
+        return {"strategy": "manual", "rank": rank, "allows_growth": self.allows_growth}

@@ -58,15 +58,15 @@ def ranks_for_reduction(
     full = cls.full_rank(shape, options)
     budget = shape.dense_params / rate
     lo, hi = 1, max(full)
-    if cls.param_count(shape, rank_at_step(full, lo), options) > budget:
-        return rank_at_step(full, lo)
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if cls.param_count(shape, rank_at_step(full, mid), options) <= budget:
-            lo = mid
-        else:
-            hi = mid - 1
-    return rank_at_step(full, lo)
+    if cls.param_count(shape, rank_at_step(full, lo), options) <= budget:
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if cls.param_count(shape, rank_at_step(full, mid), options) <= budget:
+                lo = mid
+            else:
+                hi = mid - 1
+    # The layer's own rules last (HT lowers ranks its tree cannot hold; others keep them).
+    return cls.normalize_rank(shape, rank_at_step(full, lo), options, name)
 
 
 @dataclass(frozen=True)
@@ -86,11 +86,11 @@ class Reduction:
         if (
             isinstance(self.rate, bool)
             or not isinstance(self.rate, (int, float))
-            or not (math.isfinite(self.rate) and self.rate >= 1)
+            or not (math.isfinite(self.rate) and self.rate > 1)
         ):
             raise RankError(
-                f"reduction rate {self.rate!r} is not allowed; expected a number >= 1 "
-                "(e.g. 2 for 2x fewer parameters)"
+                f"reduction rate {self.rate!r} is not allowed; expected a number > 1 "
+                "(e.g. 2 for 2x fewer parameters; 1 would change the layers and save nothing)"
             )
 
     def choose_ranks(self, request: RankRequest) -> tuple[int, ...]:

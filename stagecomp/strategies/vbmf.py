@@ -12,6 +12,7 @@ judged as noise afresh, which is what lets every stage shrink the layer further.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from torch import nn
 
@@ -38,6 +39,12 @@ class VBMF:
     weakening: float = 1.0
     min_rank: int = 1
     scale_free: bool = False
+
+    full_rank_hint: ClassVar[str] = (
+        "VBMF found no low-rank structure above the noise (it keeps the full rank): the "
+        "weights look untrained; for untrained weights use strategy='reduction' or 'manual'"
+    )
+    """Why a layer VBMF keeps at full rank is left alone, for the report."""
 
     def __post_init__(self) -> None:
         w = self.weakening

@@ -1,0 +1,287 @@
+"""Speedup: a whole-model latency budget, allocated by a Lagrangian and checked by a loop.
+
+Every test here injects its timings (a table per layer structure, and a synthetic whole
+model), so the choices are reproducible and nothing asserts on a real time.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import stagecomp as sc
+from stagecomp.latency_aware import CURRENT, Candidate
+from stagecomp.speed.allocation import allocate, fastest, total_seconds
+from stagecomp.speed.closed_loop import search
+from stagecomp.speed.layer_table import LayerOption, LayerTable, Structure
+from stagecomp.speed.rank_grid import rank_grid
+from stagecomp.strategies import strategy_from_dict
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 32, 3, padding=1)
+        self.conv2 = nn.Conv2d(32, 64, 3, padding=1)
+        self.conv3 = nn.Conv2d(64, 64, 3, padding=1)
+        self.conv4 = nn.Conv2d(64, 96, 3, padding=1, stride=2)
+        self.conv5 = nn.Conv2d(96, 96, 3, padding=1)
+        self.fc = nn.Linear(96, 40)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for conv in (self.conv1, self.conv2, self.conv3, self.conv4, self.conv5):
+            x = torch.relu(conv(x))
+        return self.fc(x.mean((2, 3)))
+
+
+def _layer_ms(candidate: Candidate) -> float:
+    """A cost model: 1 ms per thousand weights, plus 0.5 ms per factor of a decomposed layer."""
+    shape = candidate.shape
+    if candidate.method == CURRENT:
+        return 1e-3 * shape.weight_numel / 1000
+    layer = sc.empty_layer(shape, candidate.method, candidate.ranks or ())
+    weights = sum(p.numel() for p in layer.parameters())
+    return 1e-3 * (weights / 1000 + 0.5 * len(list(layer.children())))
+
+
+def _structure_ms(name: str, structure: Structure | None, model: nn.Module) -> float:
+    shape = sc.LayerShape.from_module(getattr(model, name), name)
+    if structure is None:
+        return 1e-3 * shape.weight_numel / 1000
+    method, ranks = structure
+    return _layer_ms(Candidate(name, method, ranks, shape, (1,), 0))
+
+
+def _synthetic_model_timer(model: nn.Module) -> sc.strategies.speedup.ModelTimer:
+    """Whole-model seconds that differ from the layer table: 2 ms of glue, and every
+    decomposed layer costs 40% more in the model than alone (extra memory passes)."""
+
+    def timer(layout: dict[str, Structure | None]) -> float:
+        total = 2e-3
+        for name, structure in layout.items():
+            seconds = _structure_ms(name, structure, model)
+            total += seconds * (1.4 if structure is not None else 1.0)
+        return total
+
+    return timer
+
+
+def _compress(strategy: sc.Speedup, stages: int = 1, **kwargs: object) -> sc.Compressor:
+    torch.manual_seed(0)
+    model = Net().eval()
+    compressor = sc.Compressor(
+        model,
+        strategy,
+        torch.randn(2, 3, 16, 16),
+        layers_per_step=6,
+        stages=stages,
+        progress=False,
+        **kwargs,  # type: ignore[arg-type]
+    )
+    while not compressor.done:
+        compressor.compression_step()
+    return compressor
+
+
+def test_allocation_spends_the_budget_where_the_error_is_cheapest() -> None:
+    def table(name: str, options: list[tuple[float, float]]) -> LayerTable:
+        found = [LayerOption(None, None, 100, 10.0, 0.0)]
+        found += [LayerOption("svd", (r,), 50, s, e) for r, (s, e) in enumerate(options, 1)]
+        return LayerTable(name, None, 10.0, tuple(found))
+
+    # a: saves 6 s for an error of 0.1; b: saves 6 s for 0.5 or 3 s for 0.09.
+    tables = [table("a", [(4.0, 0.1)]), table("b", [(4.0, 0.5), (7.0, 0.09)])]
+    picks = allocate(tables, budget_s=14.0)  # 6 s to save: a alone is the cheapest way
+    assert (picks["a"].ranks, picks["b"].ranks) == ((1,), None)
+    picks = allocate(tables, budget_s=11.0)  # 9 s: a, and b's cheap 3 s
+    assert (picks["a"].ranks, picks["b"].ranks) == ((1,), (2,))
+    assert total_seconds(picks) <= 11.0
+    picks = allocate(tables, budget_s=1.0)  # out of reach: everything at its fastest
+    assert picks == fastest(tables) and total_seconds(picks) == 8.0
+
+
+def test_rank_grid_is_multiples_of_the_vector_width() -> None:
+    grid = rank_grid((64, 32), 8)
+    assert grid[0] == (8, 8) and grid[-1] == (64, 32)
+    assert all(r % 8 == 0 for ranks in grid for r in ranks)
+    assert [r[0] for r in rank_grid((512,), 16)][:6] == [16, 32, 48, 64, 80, 112]
+    assert rank_grid((5,), 8) == [(1,), (2,), (3,), (4,), (5,)]
+
+
+def test_choice_follows_the_injected_table_and_repeats() -> None:
+    first_strategy = sc.Speedup(2.0, timer=_layer_ms)
+    first = _compress(first_strategy)
+    second_strategy = sc.Speedup(2.0, timer=_layer_ms)
+    second = _compress(second_strategy)
+    outcome = first_strategy.outcome(0)
+    assert outcome.picks == second_strategy.outcome(0).picks
+    assert outcome.reached and abs(outcome.measured / 2.0 - 1) <= 0.05
+    changes = {c.name: c for c in first.history[0].changes}
+    # conv1 (3 input channels) has no decomposition faster than it is.
+    assert changes["conv1"].skipped is not None and "no decomposition is faster" in str(
+        changes["conv1"].skipped
+    )
+    assert isinstance(first.model.conv1, nn.Conv2d)
+    for name, pick in outcome.picks.items():
+        module = getattr(first.model, name)
+        if pick.method is None:
+            assert changes[name].skipped is not None
+            assert type(module) is type(getattr(Net(), name))
+        else:
+            assert (module.method, module.ranks) == (pick.method, pick.ranks)
+            assert changes[name].params_after < changes[name].params_before
+    assert [c.ranks for c in first.history[0].changes] == [
+        c.ranks for c in second.history[0].changes
+    ]
+    # The table's own prediction of the model: the sum of its layers.
+    dense = sum(_structure_ms(n, None, Net()) for n in outcome.picks)
+    chosen = sum(p.seconds for p in outcome.picks.values())
+    assert dense / chosen == pytest.approx(outcome.measured)
+
+
+def test_closed_loop_converges_on_a_synthetic_model_timer() -> None:
+    torch.manual_seed(0)
+    strategy = sc.Speedup(
+        1.6, tolerance=0.02, timer=_layer_ms, model_timer=_synthetic_model_timer(Net())
+    )
+    compressor = _compress(strategy)
+    outcome = strategy.outcome(0)
+    assert outcome.reached
+    assert abs(outcome.measured / 1.6 - 1) <= 0.02
+    # The first allocation trusts the table, the model disagrees: the loop had to adjust.
+    assert outcome.rounds >= 3
+    layout = {
+        n: (p.method, p.ranks) if p.method is not None and p.ranks is not None else None
+        for n, p in outcome.picks.items()
+    }
+    timer = _synthetic_model_timer(Net())
+    assert timer(dict.fromkeys(layout)) / timer(layout) == pytest.approx(outcome.measured)
+    assert compressor.history[0].params_after < compressor.history[0].params_before
+
+
+def test_loop_on_tables_alone_brackets_and_stops_within_tolerance() -> None:
+    # One layer with a fine grid, a whole model whose glue the table cannot see.
+    options = [LayerOption(None, None, 1000, 100.0, 0.0)]
+    options += [LayerOption("svd", (r,), r, float(r), (100 - r) / 100) for r in range(1, 100)]
+    tables = [LayerTable("layer", None, 100.0, tuple(options))]
+
+    def measure(allocation: dict[str, LayerOption]) -> tuple[float, float]:
+        return 150.0, 50.0 + allocation["layer"].seconds ** 1.1
+
+    result = search(tables, measure, goal=2.0, tolerance=0.02)
+    assert result.reached and abs(result.speedup / 2.0 - 1) <= 0.02
+    assert len(result.trials) >= 2
+    result = search(tables, measure, goal=10.0)  # 150 / 50 = 3x at most
+    assert not result.reached and result.reason is not None
+    assert "out of reach" in result.reason and result.speedup == pytest.approx(150 / 51)
+
+
+def test_stage_targets_grow_geometrically() -> None:
+    strategy = sc.Speedup(2.0, timer=_layer_ms)
+    compressor = _compress(strategy, stages=2)
+    goals = [o.goal for o in strategy.outcomes]
+    assert goals == pytest.approx([math.sqrt(2.0), 2.0])
+    assert all(o.reached for o in strategy.outcomes)
+    first, second = strategy.outcomes
+    # The second stage starts from the first's layers and goes further.
+    assert second.measured > first.measured
+    assert len(compressor.history) == 2
+
+
+def test_pinned_method_is_the_only_one_tried() -> None:
+    strategy = sc.Speedup(2.0, timer=_layer_ms)
+    _compress(strategy, methods={"conv3": "svd", "conv2": "svd"})
+    picks = strategy.outcome(0).picks
+    assert picks["conv3"].method in (None, "svd") and picks["conv2"].method in (None, "svd")
+
+
+def test_unreachable_target_keeps_the_fastest_and_says_why() -> None:
+    strategy = sc.Speedup(50.0, timer=_layer_ms)
+    _compress(strategy)
+    outcome = strategy.outcome(0)
+    assert not outcome.reached and outcome.reason is not None
+    assert "out of reach" in outcome.reason
+    assert outcome.measured < 50.0
+    assert "not reached" in str(outcome)
+
+
+def test_calibration_prices_choices_by_output_error() -> None:
+    torch.manual_seed(0)
+    batches = [torch.randn(4, 3, 16, 16) for _ in range(2)]
+    weight = sc.Speedup(2.0, timer=_layer_ms)
+    output = sc.Speedup(2.0, timer=_layer_ms)
+    _compress(weight)
+    _compress(output, calibration=sc.Calibration(batches))
+    assert output.outcome(0).reached
+    assert output.outcome(0).error != pytest.approx(weight.outcome(0).error)
+    gradient = sc.Speedup(2.0, timer=_layer_ms, error="gradient")
+    _compress(gradient, calibration=sc.Calibration(batches))
+    assert gradient.outcome(0).reached
+
+
+def test_measured_run_completes() -> None:
+    strategy = sc.Speedup(1.5, warmup=0, repeats=1, model_rounds=1, max_rounds=2)
+    _compress(strategy)
+    outcome = strategy.outcome(0)
+    assert outcome.measured > 0 and outcome.rounds >= 1 and outcome.seconds > 0
+
+
+def test_bad_settings_are_refused() -> None:
+    for target in (1.0, 0.5, float("inf"), True, "2"):
+        with pytest.raises(sc.RankError, match="Speedup target"):
+            sc.Speedup(target)  # type: ignore[arg-type]
+    with pytest.raises(sc.StagecompError, match="tolerance=0"):
+        sc.Speedup(2.0, tolerance=0)
+    with pytest.raises(sc.StagecompError, match="batch_size=0"):
+        sc.Speedup(2.0, batch_size=0)
+    with pytest.raises(sc.StagecompError, match="error='loss'"):
+        sc.Speedup(2.0, error="loss")
+    with pytest.raises(sc.UnknownMethodError, match="tuker2"):
+        sc.Speedup(2.0, methods=("tuker2",))
+    with pytest.raises(sc.StagecompError, match="example_input"):
+        sc.Compressor(Net(), sc.Speedup(2.0), progress=False)
+    with pytest.raises(sc.StagecompError, match="needs calibration"):
+        _compress(sc.Speedup(2.0, timer=_layer_ms, error="output"))
+    with pytest.raises(sc.StagecompError, match="not prepared"):
+        sc.Speedup(2.0).outcome(0)
+
+
+def test_settings_round_trip_through_json() -> None:
+    strategy = sc.Speedup(3.0, batch_size=16, methods=("svd",), tolerance=0.1)
+    assert strategy_from_dict(strategy.to_dict()) == strategy
+
+
+def test_a_step_that_starts_a_stage_prepares_it_first() -> None:
+    torch.manual_seed(0)
+    strategy = sc.Speedup(2.0, timer=_layer_ms)
+    x = torch.randn(2, 3, 16, 16)
+    compressor = sc.Compressor(
+        Net().eval(), strategy, x, layers_per_step=4, stages=2, progress=False
+    )
+    first = compressor.compression_step()  # stage 1 only
+    assert [o.stage for o in strategy.outcomes] == [0]
+    second = compressor.compression_step()  # the rest of stage 1, the start of stage 2
+    assert [o.stage for o in strategy.outcomes] == [0, 1]
+    assert {c.stage for c in first.changes} == {0} and {c.stage for c in second.changes} == {0, 1}
+    while not compressor.done:
+        compressor.compression_step()
+    assert strategy.outcome(1).goal == pytest.approx(2.0)
+
+
+def test_a_saved_run_resumes_with_the_same_settings() -> None:
+    torch.manual_seed(0)
+    strategy = sc.Speedup(2.0, timer=_layer_ms, model_rounds=1, warmup=0, repeats=1)
+    x = torch.randn(2, 3, 16, 16)
+    model = Net().eval()
+    compressor = sc.Compressor(model, strategy, x, layers_per_step=6, stages=2, progress=False)
+    compressor.compression_step()
+    state = compressor.state_dict()
+    fresh = Net().eval()
+    resumed = sc.Compressor.from_state(fresh, state, example_input=x, progress=False)
+    assert resumed.strategy == strategy  # settings equal; injected timers are not saved
+    assert resumed.step_index == 1
+    resumed.compression_step()  # stage 2 prepared afresh on the resumed model (measured)
+    assert resumed.done and resumed.strategy.outcome(1).goal == pytest.approx(2.0)
