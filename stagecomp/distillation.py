@@ -46,13 +46,20 @@ TARGETS = ("now", "before")
 class LocalDistillation:
     """Train each step's new layers to reproduce the replaced ones (``Calibration(refine=...)``).
 
+    The defaults are a short, cautious run: a data-aware fit is already close to each
+    layer's least-squares optimum on the calibration inputs, and larger learning rates
+    fitted the calibration data at the expense of held-out inputs
+    (``docs/howto/data-aware.md`` has the figures).
+
     Attributes:
         steps: Training iterations per compression step (one calibration batch each;
             all of the step's new layers train in the same iteration).
-        lr: Adam's learning rate, decayed to zero over the steps along a cosine.
+        lr: Adam's learning rate relative to each parameter tensor's RMS (``1e-3``: each
+            step moves an entry by at most about 0.1% of its tensor's typical size),
+            decayed to zero over the steps along a cosine.
         batch_size: Samples drawn from each calibration batch per iteration (every
             tensor of the batch is indexed alike along its first dimension); ``None``
-            uses whole batches.
+            uses whole batches. Small draws keep the iterations cheap and vary them.
         granularity: ``"layer"``: each new layer against the replaced layer's output;
             ``"block"``: the new layers inside a module matched by ``blocks`` train
             together against that block's output with the replaced layers in it.
@@ -67,9 +74,9 @@ class LocalDistillation:
             receives now, the same as the new layer's.
     """
 
-    steps: int = 100
+    steps: int = 50
     lr: float = 1e-3
-    batch_size: int | None = None
+    batch_size: int | None = 16
     granularity: str = "layer"
     blocks: tuple[str, ...] | None = field(default=None)
     seed: int = 0
@@ -368,6 +375,11 @@ def _errors(
     return {n: math.sqrt(errors[n] / norms[n]) if norms[n] > 0 else 0.0 for n in errors}
 
 
+def _rms(param: torch.Tensor) -> float:
+    rms = float(param.detach().float().square().mean().sqrt()) if param.numel() else 0.0
+    return rms if rms > 0 else 1.0
+
+
 def _train(
     model: nn.Module,
     units: Sequence[_Unit],
@@ -378,7 +390,11 @@ def _train(
     progress: bool,
 ) -> None:
     generator = torch.Generator().manual_seed(settings.seed)
-    optimizer = torch.optim.Adam(params, lr=settings.lr)
+    # Adam moves every entry by about lr per step whatever its gradient's scale: scaled by
+    # each tensor's RMS, one lr suits factors of any magnitude (BERT's weights are ~0.04).
+    optimizer = torch.optim.Adam(
+        [{"params": [p], "lr": settings.lr * _rms(p)} for p in params], lr=settings.lr
+    )
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda t: 0.5 * (1.0 + math.cos(math.pi * t / settings.steps))
     )

@@ -64,7 +64,7 @@ def _inputs(n: int, seed: int) -> torch.Tensor:
 
 BATCHES = [_inputs(16, i) for i in range(4)]
 HELD_OUT = _inputs(64, 99)
-REFINE = sc.LocalDistillation(steps=40, lr=1e-2)
+REFINE = sc.LocalDistillation(steps=40, lr=5e-2)
 
 
 def _tiny() -> Tiny:
@@ -124,7 +124,7 @@ def test_deterministic_under_a_seed() -> None:
     first, second, other = _tiny(), _tiny(), _tiny()
     _compress(first)
     _compress(second)
-    _compress(other, sc.LocalDistillation(steps=40, lr=1e-2, seed=1, batch_size=8))
+    _compress(other, sc.LocalDistillation(steps=40, lr=5e-2, seed=1, batch_size=8))
     assert parameters_digest(first) == parameters_digest(second)
     assert parameters_digest(first) != parameters_digest(other)
 
@@ -192,7 +192,7 @@ def test_a_failure_rolls_the_step_back(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_block_granularity_trains_the_block_together() -> None:
     model, plain = _tiny(), _tiny()
-    block = sc.LocalDistillation(steps=40, lr=1e-2, granularity="block", blocks=("block",))
+    block = sc.LocalDistillation(steps=40, lr=5e-2, granularity="block", blocks=("block",))
     compressor = _compress(model, block, layers_per_step=3)
     _compress(plain, None, layers_per_step=3)
     changes = {c.name: c for c in compressor.history[0].changes}
@@ -216,7 +216,7 @@ def test_block_granularity_trains_the_block_together() -> None:
 def test_both_targets_train_a_step_of_several_layers(target: str) -> None:
     model = _tiny()
     compressor = _compress(
-        model, sc.LocalDistillation(steps=40, lr=1e-2, target=target), layers_per_step=3
+        model, sc.LocalDistillation(steps=40, lr=5e-2, target=target), layers_per_step=3
     )
     for change in compressor.history[0].changes:
         assert change.refined_error_after < change.refined_error_before  # type: ignore[operator]
