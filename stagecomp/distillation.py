@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from stagecomp.calibration import Forward, OutputFn, main_output
+from stagecomp.calibration import Forward, MaskFn, OutputFn, batch_mask, main_output
 from stagecomp.capture import Call, batch_stream, capture, swapped
 from stagecomp.changes import LayerChange
 from stagecomp.distributed import broadcast_module_
@@ -197,10 +197,11 @@ class _Targets:
         settings: LocalDistillation,
         forward: Forward | None,
         pick: OutputFn,
+        mask: MaskFn | None = None,
     ) -> None:
         self.model, self.units, self.previous = model, units, previous
         self.before = settings.target == "before"
-        self.forward, self.pick = forward, pick
+        self.forward, self.pick, self.mask = forward, pick, mask
 
     @torch.no_grad()
     def compute(self, batch: Any, calls: Mapping[str, Call]) -> dict[str, torch.Tensor]:
@@ -235,6 +236,8 @@ class CalibrationLike(Protocol):
     def output(self) -> OutputFn | None: ...
     @property
     def refine(self) -> LocalDistillation | None: ...
+    @property
+    def mask(self) -> MaskFn | None: ...
 
 
 def refine_step(
@@ -259,12 +262,13 @@ def refine_step(
     if settings is None or not replaced:
         return
     batches, forward, output = calibration.batches, calibration.forward, calibration.output
+    # Padded positions are not samples: the loss and the errors skip them, as the
+    # calibration statistics do (a dict batch's attention_mask, or Calibration(mask=...)).
+    io = (forward, output, getattr(calibration, "mask", None))
     if distributed:
-        _refine_everywhere(
-            model, replaced, previous, changes, settings, batches, forward, output, progress
-        )
+        _refine_everywhere(model, replaced, previous, changes, settings, batches, io, progress)
     else:
-        _refine(model, replaced, previous, changes, settings, batches, forward, output, progress)
+        _refine(model, replaced, previous, changes, settings, batches, io, progress)
 
 
 def _refine_everywhere(
@@ -274,13 +278,12 @@ def _refine_everywhere(
     changes: Sequence[LayerChange],
     settings: LocalDistillation,
     batches: Any,
-    forward: Forward | None,
-    output: OutputFn | None,
+    io: tuple[Forward | None, OutputFn | None, MaskFn | None],
     progress: bool,
 ) -> None:
     error: str | None = None
     try:
-        _refine(model, replaced, previous, changes, settings, batches, forward, output, progress)
+        _refine(model, replaced, previous, changes, settings, batches, io, progress)
     except Exception as exc:
         error = f"{type(exc).__name__}: {exc}"
         local: Exception | None = exc
@@ -311,12 +314,12 @@ def _refine(
     changes: Sequence[LayerChange],
     settings: LocalDistillation,
     batches: Any,
-    forward: Forward | None,
-    output: OutputFn | None,
+    io: tuple[Forward | None, OutputFn | None, MaskFn | None],
     progress: bool,
 ) -> None:
+    forward, output, mask = io
     units = _units(model, list(replaced), settings)
-    targets = _Targets(model, units, previous, settings, forward, output or main_output)
+    targets = _Targets(model, units, previous, settings, forward, output or main_output, mask)
     params = list(dict.fromkeys(p for m in replaced.values() for p in m.parameters()))
     flags = [(p, p.requires_grad, p.grad) for p in params]
     with contextlib.ExitStack() as stack:
@@ -351,10 +354,22 @@ def _outputs(
     """Per unit: its output now (differentiable when grad is on) and its target."""
     calls = capture(model, batch, [u.name for u in units], forward=targets.forward)
     wanted = targets.compute(batch, calls)
+    rows = batch_mask(batch, targets.mask)
     return [
-        (u.name, targets.pick(calls[u.name](get_module(model, u.name))), wanted[u.name])
+        (
+            u.name,
+            _samples(targets.pick(calls[u.name](get_module(model, u.name))), rows),
+            _samples(wanted[u.name], rows),
+        )
         for u in units
     ]
+
+
+def _samples(output: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """The positions of ``output`` that are samples (all when the mask does not fit)."""
+    if rows is None or tuple(output.shape[: rows.ndim]) != tuple(rows.shape):
+        return output
+    return output[rows.to(output.device)]
 
 
 @torch.no_grad()

@@ -438,3 +438,75 @@ def test_ranks_refine_identically_and_fail_together(tmp_path: Path) -> None:
     _compress(single, REFINE, layers_per_step=3)
     for key, value in single.state_dict().items():
         assert torch.equal(ranks[0]["state"][key], value), key
+
+
+class _Tokens(nn.Module):
+    """Per-position layers over embedded tokens, fed as ``model(**batch)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(40, 16)
+        self.up = nn.Linear(16, 32)
+        self.down = nn.Linear(32, 16)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.relu(self.up(self.embed(input_ids))))
+
+
+def _token_batches(pad_token: int) -> list[dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(3)
+    batches = []
+    for _ in range(3):
+        ids = torch.randint(1, 30, (8, 12), generator=generator)
+        lengths = torch.randint(4, 13, (8,), generator=generator)
+        mask = (torch.arange(12)[None, :] < lengths[:, None]).long()
+        batches.append(
+            {"input_ids": torch.where(mask.bool(), ids, pad_token), "attention_mask": mask}
+        )
+    return batches
+
+
+def _distilled_tokens(pad_token: int) -> tuple[nn.Module, sc.Compressor]:
+    torch.manual_seed(0)
+    model = _Tokens().eval()
+    compressor = sc.Compressor(
+        model,
+        "manual",
+        ranks={"up": 4, "down": 4},
+        layers_per_step=2,
+        progress=False,
+        calibration=sc.Calibration(
+            _token_batches(pad_token),
+            factors=None,
+            refine=sc.LocalDistillation(steps=30, lr=5e-2, batch_size=None),
+        ),
+    )
+    while not compressor.done:
+        compressor.compression_step()
+    return model, compressor
+
+
+def test_padded_positions_do_not_train_the_layers() -> None:
+    # Padding (attention_mask 0) is not a sample: what sits at padded positions must not
+    # change what distillation learns, nor the errors it reports.
+    first, first_c = _distilled_tokens(pad_token=0)
+    other, other_c = _distilled_tokens(pad_token=39)
+    for (name, a), (_, b) in zip(
+        first.state_dict().items(), other.state_dict().items(), strict=True
+    ):
+        if name.startswith("embed"):
+            continue
+        assert torch.allclose(a, b, atol=1e-6), name
+
+    def errors(compressor: sc.Compressor) -> list[float]:
+        return [
+            e
+            for c in compressor.history[0].changes
+            for e in (c.refined_error_before, c.refined_error_after)
+            if e is not None
+        ]
+
+    assert len(errors(first_c)) == 4
+    assert errors(first_c) == pytest.approx(errors(other_c), rel=1e-5)
+    pairs = list(zip(errors(first_c)[::2], errors(first_c)[1::2], strict=True))
+    assert all(after < before for before, after in pairs)
