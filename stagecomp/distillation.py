@@ -264,7 +264,7 @@ def refine_step(
     batches, forward, output = calibration.batches, calibration.forward, calibration.output
     # Padded positions are not samples: the loss and the errors skip them, as the
     # calibration statistics do (a dict batch's attention_mask, or Calibration(mask=...)).
-    io = (forward, output, getattr(calibration, "mask", None))
+    io = (forward, output, calibration.mask)
     if distributed:
         _refine_everywhere(model, replaced, previous, changes, settings, batches, io, progress)
     else:
