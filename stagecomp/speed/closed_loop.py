@@ -11,6 +11,11 @@ all are too slow), and bisect when that gives an allocation already measured. It
 within ``tolerance`` of the goal, when no new allocation is left between the nearest
 measurements on either side, when every layer at its fastest is still too slow, or after
 ``max_rounds`` measurements.
+
+A goal out of reach is not answered with every layer at its fastest: that allocation cuts
+each layer to its smallest rank for the last few percent of speed (measured on resnet18
+at 3x: 20x fewer MACs, weight error 0.95, for 2.59x). The loop aims again, just under the
+ceiling it measured, and keeps the least-error allocation within ``tolerance`` of it.
 """
 
 from __future__ import annotations
@@ -114,6 +119,8 @@ def search(
     # First guess: the whole model's time scales with its layers' time.
     budget = start_layer_s - (1 / start_speedup - 1 / goal) * dense_layer_s
     best: tuple[Allocation, Trial] | None = None
+    measured: list[tuple[Allocation, Trial]] = []
+    at_floor = False
     for _ in range(max_rounds):
         slow = min((p for p in points if p[1] > 1 / goal), key=lambda p: p[0])
         fast = max((p for p in points if p[1] <= 1 / goal), key=lambda p: p[0], default=None)
@@ -137,6 +144,7 @@ def search(
         tried.add(key)
         points.append((trial.layer_s, 1 / trial.speedup))
         result.trials.append(trial)
+        measured.append((allocation, trial))
         logger.info(
             "goal %.3gx: layer budget %.4g s -> measured %.3gx (predicted error %.3g)",
             goal,
@@ -149,6 +157,7 @@ def search(
         if abs(trial.speedup / goal - 1) <= tolerance:
             break
         if trial.speedup < goal and trial.layer_s <= floor_s:
+            at_floor = True
             break  # every layer at its fastest already
         budget = _next_budget(points, 1 / goal, floor_s)
     if best is None:
@@ -159,7 +168,44 @@ def search(
     result.reached = abs(trial.speedup / goal - 1) <= tolerance
     if not result.reached:
         result.reason = _why_not(tables, result, reference_s, floor_s)
+        if at_floor and trial.speedup < goal:
+            _under_the_ceiling(tables, measure, result, measured, tolerance, max_rounds)
     return result
+
+
+def _under_the_ceiling(
+    tables: Sequence[LayerTable],
+    measure: Measure,
+    result: LoopResult,
+    measured: list[tuple[Allocation, Trial]],
+    tolerance: float,
+    max_rounds: int,
+) -> None:
+    """Replace the fastest allocation in ``result`` by the least-error one measured within
+    ``tolerance`` of the ceiling (the fastest allocation's speed-up)."""
+    ceiling = max(trial.speedup for _, trial in measured)
+    rounds = max_rounds - len(measured)
+    if rounds > 0:
+        again = search(tables, measure, ceiling * (1 - tolerance / 2), tolerance / 2, rounds)
+        result.trials.extend(again.trials)
+        measured = [*measured, (again.allocation, _as_trial(again))]
+    near = [(a, t) for a, t in measured if t.speedup >= ceiling * (1 - tolerance)]
+    allocation, trial = min(near, key=lambda pair: pair[1].error)
+    result.allocation, result.speedup = allocation, trial.speedup
+    result.reason = (
+        f"{result.reason}; kept the allocation with the least error within "
+        f"{tolerance:.0%} of that ceiling: {trial.speedup:.3g}x"
+    )
+
+
+def _as_trial(result: LoopResult) -> Trial:
+    """The trial ``result`` settled on (its allocation's own numbers)."""
+    return Trial(
+        total_seconds(result.allocation),
+        total_seconds(result.allocation),
+        total_error(result.allocation),
+        result.speedup,
+    )
 
 
 def _next_budget(points: list[tuple[float, float]], aim: float, floor_s: float) -> float:
