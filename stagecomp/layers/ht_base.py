@@ -18,7 +18,7 @@ the same for both layers, so they live here once.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, ClassVar, TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -36,12 +36,12 @@ from stagecomp.decompositions.ht import (
     ht_truncate,
     pad_ht_ranks,
 )
-from stagecomp.decompositions.tt import balance_tt_cores, tt_matrix_modes
-from stagecomp.errors import UnsupportedLayerError
+from stagecomp.decompositions.tt import balance_tt_cores
 from stagecomp.layer_shape import LayerShape
 from stagecomp.layers.base import DecomposedLayer, Rank, describe, math_dtype
 from stagecomp.layers.factory import Factory
 from stagecomp.layers.init import init_bias_, init_tt_cores_
+from stagecomp.layers.matrix_modes import MatrixModes
 from stagecomp.options import DecomposeOptions
 
 _HTLayerT = TypeVar("_HTLayerT", bound="HTLayer")
@@ -50,7 +50,7 @@ CONTRACTIONS = ("auto", "ht", "dense")
 """``contraction`` values: choose by cost, always sweep the tree, always rebuild the weight."""
 
 
-class HTLayer(DecomposedLayer):
+class HTLayer(MatrixModes, DecomposedLayer):
     """Base of the HT layers; subclasses say how many channel modes they default to.
 
     The ranks are the edge ranks of the balanced dimension tree over the leaves, in
@@ -68,8 +68,7 @@ class HTLayer(DecomposedLayer):
 
     method = "ht"
     structure_keys = ("ht_in_modes", "ht_out_modes")
-    default_modes: ClassVar[int]
-    """Channel modes when neither ``options.ht_cores`` nor explicit modes are given."""
+    mode_option = "ht"
 
     in_modes: tuple[int, ...]
     out_modes: tuple[int, ...]
@@ -79,70 +78,19 @@ class HTLayer(DecomposedLayer):
 
     # ------------------------------------------------------------------ structure
     @classmethod
-    def spatial_modes(cls, shape: LayerShape) -> tuple[int, ...]:
-        """Leaves after the channel ones: ``(kh * kw,)`` for convolutions, none for Linear."""
-        return (shape.kernel_numel,) if shape.kind == "conv2d" else ()
-
-    @classmethod
-    def modes(
-        cls, shape: LayerShape, options: DecomposeOptions
-    ) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """``(out_modes, in_modes)`` of each group's channels, or ``UnsupportedLayerError``."""
-        count = cls.default_modes if options.ht_cores is None else options.ht_cores
-        try:
-            out_modes, in_modes = tt_matrix_modes(
-                shape.out_per_group,
-                shape.in_per_group,
-                count,
-                options.ht_out_modes,
-                options.ht_in_modes,
-                option="ht",
-            )
-        except ValueError as error:
-            raise UnsupportedLayerError(f"{describe(shape, None)}: {error}") from None
+    def too_few_modes(cls, shape: LayerShape, in_modes: tuple[int, ...]) -> str | None:
         if len(in_modes) + len(cls.spatial_modes(shape)) < 2:
-            raise UnsupportedLayerError(
-                f"{describe(shape, None)}: a {cls.__name__} needs at least 2 leaves, got "
-                f"{len(in_modes)} channel mode(s) (ht_cores={options.ht_cores}, ht_in_modes="
-                f"{options.ht_in_modes}, ht_out_modes={options.ht_out_modes})"
-            )
-        return out_modes, in_modes
-
-    @classmethod
-    def leaf_sizes(cls, shape: LayerShape, options: DecomposeOptions) -> tuple[int, ...]:
-        """Sizes of the leaves: ``o_t i_t`` per channel mode, then the kernel for Conv2d."""
-        out_modes, in_modes = cls.modes(shape, options)
-        channels = tuple(o * i for o, i in zip(out_modes, in_modes, strict=True))
-        return (*channels, *cls.spatial_modes(shape))
+            return f"a {cls.__name__} needs at least 2 leaves, got {len(in_modes)} channel mode(s)"
+        return None
 
     @classmethod
     def dimension_tree(cls, shape: LayerShape, options: DecomposeOptions) -> DimensionTree:
         """The balanced tree over the leaves (the kernel leaf is the last one)."""
-        return DimensionTree.balanced(len(cls.leaf_sizes(shape, options)))
-
-    @classmethod
-    def ordered_weight(
-        cls, weight: torch.Tensor, shape: LayerShape, options: DecomposeOptions
-    ) -> torch.Tensor:
-        """One group's weight as the tensor HT-SVD factorises (modes ``leaf_sizes``)."""
-        out_modes, in_modes = cls.modes(shape, options)
-        spatial = cls.spatial_modes(shape)
-        d = len(in_modes)
-        tensor = weight.reshape(*out_modes, *in_modes, *spatial)
-        order = [j for k in range(d) for j in (k, d + k)] + [2 * d + s for s in range(len(spatial))]
-        return tensor.permute(*order).reshape(cls.leaf_sizes(shape, options))
-
-    @classmethod
-    def unsupported_reason(cls, shape: LayerShape, options: DecomposeOptions) -> str | None:
-        try:
-            cls.modes(shape, options)
-        except UnsupportedLayerError as error:
-            return str(error)
-        return None
+        return DimensionTree.balanced(len(cls.mode_sizes(shape, options)))
 
     @classmethod
     def full_rank(cls, shape: LayerShape, options: DecomposeOptions) -> tuple[int, ...]:
-        return ht_full_ranks(cls.leaf_sizes(shape, options), cls.dimension_tree(shape, options))
+        return ht_full_ranks(cls.mode_sizes(shape, options), cls.dimension_tree(shape, options))
 
     @classmethod
     def normalize_rank(
@@ -166,7 +114,7 @@ class HTLayer(DecomposedLayer):
     def param_count(cls, shape: LayerShape, ranks: Sequence[int], options: DecomposeOptions) -> int:
         """Parameters of the layer built for ``ranks`` (after ``ht_nested_ranks``)."""
         tree = cls.dimension_tree(shape, options)
-        sizes = cls.leaf_sizes(shape, options)
+        sizes = cls.mode_sizes(shape, options)
         per_group = ht_param_count(sizes, ht_nested_ranks(tree, ranks), tree)
         return shape.groups * per_group + (shape.out_channels if shape.bias else 0)
 
@@ -185,7 +133,7 @@ class HTLayer(DecomposedLayer):
                 f"ranks, got {self.ranks}"
             )
         self.ranks = ht_nested_ranks(self.tree, self.ranks)
-        sizes = self.leaf_sizes(shape, options)
+        sizes = self.mode_sizes(shape, options)
         node_ranks = self.tree.node_ranks(self.ranks)
         groups = shape.groups
         parts = []
@@ -233,7 +181,7 @@ class HTLayer(DecomposedLayer):
         shape, options = self.shape, self.options
         return [
             ht_svd(
-                self.ordered_weight(group, shape, options),
+                self.mode_ordered_weight(group, shape, options),
                 self.ranks,
                 tree=self.tree,
                 solver=options.svd_solver,

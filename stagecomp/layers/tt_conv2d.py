@@ -52,7 +52,7 @@ class TTConv2d(TTLayer):
     """
 
     kinds = ("conv2d",)
-    default_cores = 2
+    default_modes = 2
 
     def _build(self, new: Factory) -> None:
         shape, groups = self.shape, self.shape.groups
@@ -75,7 +75,7 @@ class TTConv2d(TTLayer):
         shape, options = self.shape, self.options
         return [
             tt_svd(
-                self.tt_ordered_weight(group, shape, options),
+                self.mode_ordered_weight(group, shape, options),
                 self.ranks,
                 solver=options.svd_solver,
                 seed=options.seed,

@@ -39,7 +39,7 @@ class TTLinear(TTLayer):
     """
 
     kinds = ("linear",)
-    default_cores = 3
+    default_modes = 3
     min_cores = 2
 
     def _build(self, new: Factory) -> None:

@@ -24,7 +24,7 @@ def edge_matricizations(
     """Per HT edge (in rank order), the dense weight's matricization at that node, one
     matrix per group: its matrix rank is the exact HT rank of the edge."""
     tree = cls.dimension_tree(shape, options)
-    tensors = [cls.ordered_weight(g, shape, options) for g in grouped]
+    tensors = [cls.mode_ordered_weight(g, shape, options) for g in grouped]
     return [[ht_matricization(t, tree, nodes[0]) for t in tensors] for nodes in tree.edges()]
 
 

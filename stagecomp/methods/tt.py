@@ -23,12 +23,12 @@ def bond_unfoldings(
 ) -> list[list[torch.Tensor]]:
     """Per TT bond, the dense weight unfolded at that bond (one matrix per group): its
     matrix rank is the exact TT rank of the bond."""
-    sizes = cls.bond_mode_sizes(shape, options)
+    sizes = cls.mode_sizes(shape, options)
     matrices: list[list[torch.Tensor]] = []
     for left in range(1, len(sizes)):
         rows = math.prod(sizes[:left])
         matrices.append(
-            [cls.tt_ordered_weight(g, shape, options).reshape(rows, -1) for g in grouped]
+            [cls.mode_ordered_weight(g, shape, options).reshape(rows, -1) for g in grouped]
         )
     return matrices
 
