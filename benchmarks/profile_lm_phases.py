@@ -1,7 +1,8 @@
 """Where block-by-block "gradient" calibration spends memory and time, phase by phase.
 
 Wraps the phases of ``stagecomp.sequential`` (capturing block inputs, moving them on,
-a block's input statistics, its gradient moments) and each layer's job, and prints the
+a block's input statistics, the sweep that takes the output gradients, a block's
+gradient moments from the kept ones) and each layer's job, and prints the
 CPU seconds of each call and the resident memory (RSS, Linux) above the loaded model
 before, at the peak during (VmHWM, reset before the call) and after it, for the first
 step of a ``bench_lm.py`` memory-part model (``--size 25m`` by default: a minute).
@@ -57,6 +58,8 @@ def main() -> None:
     for name in ("capture_inputs", "propagate", "_block_input_statistics"):
         _wrap(sequential, name, base)
     _wrap(sequential, "collect_gradient_moments", base)
+    for method in ("_sweep", "_kept_gradients"):
+        _wrap(sequential.SequentialStatistics, method, base)
     _wrap(compressor_module, "run_layer_job", base)
     compressor = sc.Compressor(
         model,
