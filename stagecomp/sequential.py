@@ -13,15 +13,18 @@ each block's statistics come from running that block alone (the SVD-LLM pipeline
   Gradient moments need the gradient at the block's output, which depends on every
   block after it: the first step that needs them takes every block's output gradient
   (per batch and probe) in one sweep, last block to first, as ``sweep_statistics``
-  does, and keeps them (in ``DELTA_DTYPE``); each later step backpropagates its
-  block's kept gradients through that block alone, run on its current inputs. So the
-  first block's moments (and the last block's, one block from the output) are exact,
-  and a block in between gets the gradients through the blocks after it as they were
+  does, and keeps those of every other block (in ``DELTA_DTYPE``: half the memory
+  of keeping all, in float32 a quarter); each later step backpropagates its block's
+  kept gradients through that block alone, or the next block's through both (the
+  next run on what this one returns now), run on its current inputs. So the first
+  block's moments (and the last two blocks', which run to the output) are exact, and
+  a block in between gets the gradients through the blocks after it as they were
   before the blocks before it were compressed: the SVD-LLM approximation, which costs
-  one sweep plus one block per step (against ``(N + 1) / 2`` forward-and-backward
-  passes over the model for ``N`` blocks when each step backpropagated from the
-  model's output). On a tiny random Llama-like model at 2x fewer parameters per
-  block, those moments are within 10% (Frobenius, relative) of the exact ones.
+  one sweep plus one or two blocks per step (against ``(N + 1) / 2``
+  forward-and-backward passes over the model for ``N`` blocks when each step
+  backpropagated from the model's output). On a tiny random Llama-like model at 2x
+  fewer parameters per block, those moments are within 10% (Frobenius, relative) of
+  the exact ones.
   The cache is taken again, by one forward pass, when anything before the cached block
   changed since (a fine-tuning step between compression steps), or a step goes back to
   an earlier block; the kept gradients are taken again by a new sweep then, and when
@@ -65,6 +68,7 @@ from stagecomp.calibration import (
     OutputFn,
     collect_gradient_moments,
     collect_statistics,
+    gradient_dtype,
     gradients_only_from,
     main_output,
     output_probe,
@@ -79,8 +83,9 @@ logger = logging.getLogger(__name__)
 
 DELTA_DTYPE = torch.bfloat16
 """How ``SequentialStatistics`` keeps the output gradients of the blocks ahead: half
-the memory of float32, and (measured on the 97M-parameter Llama-like model) the
-gradient moments move by about ... relative against keeping them in float32."""
+the memory of float32; against float32 it moves the gradient moments by 0.15% at most
+(Frobenius, relative; the 25M-parameter model of bench_lm.py, blocks 1-2), far below
+what the approximation itself moves them (5-10% on a tiny random model)."""
 
 
 def _fingerprint(model: nn.Module, after: Sequence[str]) -> tuple[Any, ...]:
@@ -229,13 +234,29 @@ class SequentialStatistics:
         """Whether the kept output gradients serve the blocks of ``order``: the cache is
         valid, the steps went forward, and nothing but the blocks collected before (the
         ones the steps compressed) changed since they were taken."""
-        last = len(self.blocks) - 1
         return (
             self._cache_valid(order[0])
             and self._delta_after < order[0]
-            and all(i in self._deltas for i in order if i < last)
+            and all(self._kept_for(i) is not None for i in order)
             and self._delta_mark == _fingerprint(self.model, self.blocks[: self._delta_after + 1])
         )
+
+    def _kept_for(self, index: int) -> tuple[list[list[torch.Tensor | None]] | None, int] | None:
+        """The kept output gradients block ``index`` starts from and how many blocks after
+        it they were taken after (None and 0: the last two blocks start from the model's
+        output), or None when there are none."""
+        if index >= len(self.blocks) - 2:
+            return None, 0
+        for through in (0, 1):
+            if index + through in self._deltas:
+                return self._deltas[index + through], through
+        return None
+
+    def _keeps(self, index: int, after: int) -> bool:
+        """Whether a sweep keeps the output gradients of block ``index``: every other
+        block after ``after``, counted from the last but one (the last two are exact)."""
+        last = len(self.blocks) - 1
+        return after < index < last - 1 and (last - index) % 2 == 0
 
     def collect(
         self,
@@ -288,7 +309,6 @@ class SequentialStatistics:
             swept = self._sweep(order, chosen, probes, progress)
         inputs = self._at(order[0], progress)
         hidden, position = self._hidden, order[0]
-        last = len(self.blocks) - 1
         for index in order:
             while position < index:
                 hidden = propagate(self.model, inputs, position, hidden)
@@ -302,10 +322,6 @@ class SequentialStatistics:
                 pass
             elif swept is not None:
                 _attach(statistics, {n: swept.pop(n) for n in chosen[index] if n in swept})
-            elif index == last:
-                # From the last block the model's output is one block away: exact.
-                with starting_at(self.model, inputs, index, hidden) as select:
-                    self._add_gradients(statistics, chosen[index], progress, select, probes)
             else:
                 _attach(
                     statistics,
@@ -324,7 +340,7 @@ class SequentialStatistics:
         """Take the block inputs again and walk the blocks from the last to ``order[0]``,
         backpropagating each probe one block at a time (as ``sweep_statistics``): the
         gradient moments of the layers of ``order`` (exact), and the output gradients
-        of the blocks after ``order[-1]`` (but the last), kept for the later steps."""
+        of every other block after ``order[-1]`` (``_keeps``), kept for later steps."""
         first, after, last = order[0], order[-1], len(self.blocks) - 1
         self._deltas.clear()
         self._inputs = None
@@ -348,7 +364,7 @@ class SequentialStatistics:
         )
         moments: dict[str, torch.Tensor] = {}
         for index in range(last, first - 1, -1):
-            if after < index < last and sweep.delta is not None:
+            if self._keeps(index, after) and sweep.delta is not None:
                 self._deltas[index] = [
                     [None if d is None else d.to(DELTA_DTYPE) for d in per_batch]
                     for per_batch in sweep.delta
@@ -372,8 +388,11 @@ class SequentialStatistics:
         probes: int,
         progress: bool,
     ) -> dict[str, torch.Tensor]:
-        """Gradient moments of ``names`` in block ``index``, by backpropagating its kept
-        output gradients through the block alone, run on its current inputs."""
+        """Gradient moments of ``names`` in block ``index``: its kept output gradients
+        (or the next block's, that block run too on what this one returns now)
+        backpropagated through it, run on its current inputs. The last two blocks run
+        to the model's output: exact."""
+        kept = self._kept_for(index)
         sweep = _GradientSweep(
             self.model,
             self.batches,
@@ -383,7 +402,8 @@ class SequentialStatistics:
             probes,
             seed=0,
         )
-        sweep.delta = self._deltas[index]
+        if kept is not None:
+            sweep.delta, sweep.through = kept
         return sweep.step(index, hidden, names, progress, to_input=False)
 
     def _add_gradients(
@@ -502,7 +522,8 @@ class _GradientSweep:
     """Backpropagates each probe's output gradient block by block, last to first.
 
     ``delta[batch][probe]`` is the gradient of ``r . f`` with respect to the output of
-    the block handled next (its input's gradient after ``step``).
+    the block handled next (its input's gradient after ``step``), or, with ``through``
+    set, of the block that many blocks after it (``step`` then runs those too).
     """
 
     def __init__(
@@ -519,6 +540,7 @@ class _GradientSweep:
         self.forward, self.pick, self.probes = forward, pick, probes
         self.generator = torch.Generator().manual_seed(seed)
         self.delta: list[list[torch.Tensor | None]] | None = None
+        self.through = 0  # how many blocks after the one handled ``delta`` is taken after
 
     def step(
         self,
@@ -586,8 +608,10 @@ class _GradientSweep:
                 ]
                 target = final
             else:
-                call = self.inputs.calls[batch][index]
-                target = call.run(get_module(self.model, self.inputs.blocks[index]), start)
+                target = start
+                for block in range(index, index + self.through + 1):
+                    call = self.inputs.calls[batch][block]
+                    target = call.run(get_module(self.model, self.inputs.blocks[block]), target)
                 seeds = self.delta[batch]
             outs = [o for n in names for o in captured[n]]
             owners = [n for n in names for _ in captured[n]]
@@ -616,7 +640,14 @@ class _GradientSweep:
                 for name, grad in zip(owners, grads[: len(outs)], strict=True):
                     if grad is None:
                         continue
-                    rows = sample_rows(grad, shapes[name], shapes[name].out_channels, name, mask)
+                    rows = sample_rows(
+                        grad,
+                        shapes[name],
+                        shapes[name].out_channels,
+                        name,
+                        mask,
+                        gradient_dtype(grad),
+                    )
                     if name not in sums:
                         sums[name] = rows.T @ rows
                     else:
