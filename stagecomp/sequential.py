@@ -504,6 +504,7 @@ def sweep_statistics(
             else {}
         )
         if gradients:
+            release_free_memory()  # what running the block for the input moments left
             # Attached in a call, so that only the caller holds this block's moments.
             _attach(stats, sweep.step(index, hidden, layers, progress))
         release_free_memory()
@@ -573,6 +574,9 @@ class _GradientSweep:
                     deltas.append(
                         self._batch(index, batch, start, names, captured, shapes, sums, to_input)
                     )
+                    if to_input and self.delta is not None:
+                        self.delta[batch] = []  # replaced by this block's input gradient
+                    release_free_memory()  # this batch's graph, before the next one's
         finally:
             for handle in handles:
                 handle.remove()
