@@ -1,12 +1,16 @@
 """Where block-by-block "gradient" calibration spends memory and time, phase by phase.
 
 Wraps the phases of ``stagecomp.sequential`` (capturing block inputs, moving them on,
-a block's input statistics, its gradient moments) and each layer's job, and prints the
+a block's input statistics, the sweep that takes the output gradients, a block's
+gradient moments from the kept ones) and each layer's job, and prints the
 CPU seconds of each call and the resident memory (RSS, Linux) above the loaded model
 before, at the peak during (VmHWM, reset before the call) and after it, for the first
 step of a ``bench_lm.py`` memory-part model (``--size 25m`` by default: a minute).
 
-Run: ``python benchmarks/profile_lm_phases.py [--size 25m|97m] [--steps 1]``
+With ``--allocate``, the phases of ``allocate_ranks(blocks=..., rounds=0)`` instead
+(the sweep's block steps and each layer's costs).
+
+Run: ``python benchmarks/profile_lm_phases.py [--size 25m|97m] [--steps 1] [--allocate]``
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from bench_lm import BLOCKS, SIZES, _big_model, _peak_reset, _status
 import stagecomp as sc
 import stagecomp.compressor as compressor_module
 import stagecomp.sequential as sequential
+import stagecomp.strategies.data_aware as data_aware
 
 
 def _wrap(module: Any, name: str, base: float) -> None:
@@ -47,6 +52,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="25m")
     parser.add_argument("--steps", type=int, default=1)
+    parser.add_argument(
+        "--allocate", action="store_true", help="allocate_ranks(blocks=..., rounds=0) instead"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     model = _big_model(args.size)
@@ -57,7 +65,21 @@ def main() -> None:
     for name in ("capture_inputs", "propagate", "_block_input_statistics"):
         _wrap(sequential, name, base)
     _wrap(sequential, "collect_gradient_moments", base)
+    for method in ("_sweep", "_kept_gradients"):
+        _wrap(sequential.SequentialStatistics, method, base)
     _wrap(compressor_module, "run_layer_job", base)
+    if args.allocate:
+        _wrap(sequential._GradientSweep, "step", base)
+        _wrap(data_aware, "_layer_costs", base)
+        names = [n for n, m in model.named_modules() if n.startswith("model.layers.")]
+        names = [n for n in names if isinstance(model.get_submodule(n), torch.nn.Linear)]
+        cpu = time.process_time()
+        sc.allocate_ranks(
+            model, batches, names, rate=2.0, method="svd_id", rounds=0, progress=False,
+            blocks=BLOCKS,
+        )  # fmt: skip
+        print(f"allocate_ranks: CPU {time.process_time() - cpu:.2f} s", flush=True)
+        return
     compressor = sc.Compressor(
         model,
         sc.Reduction(2.0),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -27,6 +28,7 @@ from stagecomp.errors import CompressionFinishedError, RecipeError, StagecompErr
 from stagecomp.job import JobContext, run_layer_job
 from stagecomp.latency_aware import LatencyAware, LatencyChooser, layer_inputs
 from stagecomp.legacy import AcceptsLegacyArguments
+from stagecomp.memory import release_free_memory
 from stagecomp.options import DecomposeOptions
 from stagecomp.plan import LayerRank, Plan, PlannedLayer, build_plan, decomposable_layers
 from stagecomp.recipe import apply_recipe, model_recipe, undo_recipe
@@ -316,11 +318,18 @@ class Compressor(metaclass=AcceptsLegacyArguments):
             sequential=self._sequential,
         )
 
+        uses = Counter(target.name for _, target in chunk)
+
         def job(stage: int, target: PlannedLayer) -> tuple[LayerChange, nn.Module | None]:
             module = get_module(self.model, target.name)
-            return run_layer_job(
-                module, target, step_number, stage, self._context, statistics.get(target.name)
-            )
+            stats = statistics.get(target.name)
+            uses[target.name] -= 1
+            if uses[target.name] == 0:
+                # Its last job: its moments (32 MiB a 2048-wide one) go when it ends.
+                statistics.pop(target.name, None)
+            if self._sequential is not None:  # memory-bounded: what the last job freed
+                release_free_memory()
+            return run_layer_job(module, target, step_number, stage, self._context, stats)
 
         swapped: list[tuple[str, nn.Module]] = []  # (name, old) in order, a name may repeat
         try:

@@ -59,10 +59,13 @@ class Calibration:
             for BERT) or ``"auto"`` (the longest ``nn.ModuleList`` of one kind of
             module). Each block's inputs are cached once and moved on through the
             compressed blocks, so a step runs only its block instead of the whole model,
-            and the statistics of only its layers are alive: the same numbers as
-            without, in a fraction of the memory and time. Steps never span two
-            blocks; with ``layers_per_step`` at least a block's layers, one step is one
-            block. The batches are kept as a list.
+            and the statistics of only its layers are alive: the same input and output
+            moments as without, in a fraction of the memory and time. ``"gradient"``
+            moments are exact for the first block and the last two; the blocks between
+            get the output gradients measured once, before earlier blocks were
+            compressed (SVD-LLM's approximation; see ``stagecomp.sequential``). Steps
+            never span two blocks; with ``layers_per_step`` at least a block's layers,
+            one step is one block. The batches are kept as a list.
         mask: Which positions of a batch are samples: ``mask(batch) -> bool tensor``
             shaped like the leading dimensions of the layers' activations, or None for
             all. Default: a dict batch's ``attention_mask`` (batch x tokens, 0 at

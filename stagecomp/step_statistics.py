@@ -4,7 +4,9 @@ Only the layers that use statistics are measured: those with data-aware factors 
 those whose strategy reads them. Output moments are recorded only where a method's
 data-aware factors or ranks need them, and gradient moments only for layers fitted
 with ``"gradient"``. With ``Calibration(blocks=...)`` the statistics come block by block
-from cached block inputs (``stagecomp.sequential``): the same numbers, in bounded memory.
+from cached block inputs (``stagecomp.sequential``), in bounded memory: the same input
+and output moments; gradient moments exact for the first block and the last two, and
+from output gradients kept since the first step for the blocks in between.
 """
 
 from __future__ import annotations

@@ -54,16 +54,22 @@ def moment_root(moment: torch.Tensor, damping: float = DEFAULT_DAMPING) -> torch
     exactly singular at tiny damping) the symmetric eigendecomposition with
     negative eigenvalues clipped to zero.
     """
-    s = moment.to(torch.float64)
-    # In place where it can be: for a 2048-wide moment every copy is 32 MiB.
-    damped = (s + s.T).mul_(0.5)
+    return _root(moment, damping)[0]
+
+
+def _root(moment: torch.Tensor, damping: float) -> tuple[torch.Tensor, bool]:
+    """``moment_root``, and whether the root is lower-triangular (Cholesky)."""
+    # In place where it can be: for a 2048-wide moment every float64 copy is 32 MiB.
+    damped = moment.to(torch.float64, copy=True)
+    damped.add_(moment.T).mul_(0.5)
     scale = float(damped.diagonal().mean()) if damped.numel() else 0.0
     damped.diagonal().add_(max(damping * scale, torch.finfo(damped.dtype).tiny))
     root, info = torch.linalg.cholesky_ex(damped)
     if int(info) == 0:
-        return root
+        return root, True
     values, vectors = torch.linalg.eigh(damped)
-    return vectors * values.clamp_min(0).sqrt()[None, :]
+    del damped
+    return vectors.mul_(values.clamp_min(0).sqrt()[None, :]), False
 
 
 @single_threaded
@@ -239,11 +245,16 @@ def gradient_weighted_svd(
     """
     _check(weight, moment, rank)
     w = weight.to(torch.float64)
-    root = moment_root(gradient_moment.to(w.device), GRADIENT_DAMPING)
+    root, triangular = _root(gradient_moment.to(w.device), GRADIENT_DAMPING)
     with product_threads(root.shape[0] * w.numel()):
         whitened_out = root.T @ w
     basis = _output_basis(whitened_out, moment.to(w.device), rank, damping)
-    second = torch.linalg.solve(root.T, basis)  # R^-T U_r, out x rank
+    # R^-T U_r, out x rank; a Cholesky root is triangular: no LU copy of an out x out matrix.
+    if triangular:
+        second = torch.linalg.solve_triangular(root.T, basis, upper=True)
+    else:
+        second = torch.linalg.solve(root.T, basis)
+    del root
     first = basis.T @ whitened_out  # U_r^T R^T W, rank x in
     q, r = torch.linalg.qr(second)
     a, s, vh = torch.linalg.svd(r @ first, full_matrices=False)

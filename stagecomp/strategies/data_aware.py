@@ -53,6 +53,7 @@ from stagecomp.decompositions.data_aware import weighted_spectrum
 from stagecomp.errors import RankError, StagecompError, UnsupportedLayerError
 from stagecomp.layer_shape import LayerShape
 from stagecomp.layers.base import describe
+from stagecomp.memory import release_free_memory
 from stagecomp.methods import METHODS, get_method
 from stagecomp.methods.unfoldings import dense_weight
 from stagecomp.options import DecomposeOptions
@@ -217,6 +218,8 @@ def allocate_ranks(
     for _start, group in source.groups():
         for name in list(group):
             stats = group.pop(name)  # dropped once its costs are known (until a round)
+            if block_names:
+                release_free_memory()  # memory-bounded: what the last layer's costs freed
             if gradients and stats.gradient_moment is None:
                 logger.warning("allocate_ranks leaves layer %r dense: %s", name, NO_GRADIENT)
                 continue
