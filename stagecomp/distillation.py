@@ -331,7 +331,16 @@ def _refine(
                 param.requires_grad_(True)
                 param.grad = None
             before = _errors(model, units, targets, batches)
-            _train(model, units, targets, params, settings, batches, progress)
+            _train(
+                model,
+                units,
+                targets,
+                params,
+                _scales(replaced.values()),
+                settings,
+                batches,
+                progress,
+            )
             after = _errors(model, units, targets, batches)
         finally:
             for param, flag, grad in flags:
@@ -391,8 +400,25 @@ def _errors(
 
 
 def _rms(param: torch.Tensor) -> float:
-    rms = float(param.detach().float().square().mean().sqrt()) if param.numel() else 0.0
-    return rms if rms > 0 else 1.0
+    return float(param.detach().float().square().mean().sqrt()) if param.numel() else 0.0
+
+
+def _scales(modules: Iterable[nn.Module]) -> dict[nn.Parameter, float]:
+    """Each trained tensor's RMS, the size its Adam steps are relative to.
+
+    An all-zero tensor (a bias initialised to zero) has no size of its own; it takes the
+    smallest RMS among its layer's other tensors, a cautious guess on the layer's scale
+    (a fixed 1.0 would move it by the whole lr per step, on BERT's ~0.04 weights 25 times
+    the factors' steps).
+    """
+    scales: dict[nn.Parameter, float] = {}
+    for module in modules:
+        own = {p: _rms(p) for p in module.parameters()}
+        sized = [v for v in own.values() if v > 0]
+        fallback = min(sized) if sized else 1.0
+        for param, value in own.items():
+            scales.setdefault(param, value if value > 0 else fallback)
+    return scales
 
 
 def _train(
@@ -400,6 +426,7 @@ def _train(
     units: Sequence[_Unit],
     targets: _Targets,
     params: list[nn.Parameter],
+    scales: Mapping[nn.Parameter, float],
     settings: LocalDistillation,
     batches: Any,
     progress: bool,
@@ -408,7 +435,7 @@ def _train(
     # Adam moves every entry by about lr per step whatever its gradient's scale: scaled by
     # each tensor's RMS, one lr suits factors of any magnitude (BERT's weights are ~0.04).
     optimizer = torch.optim.Adam(
-        [{"params": [p], "lr": settings.lr * _rms(p)} for p in params], lr=settings.lr
+        [{"params": [p], "lr": settings.lr * scales[p]} for p in params], lr=settings.lr
     )
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda t: 0.5 * (1.0 + math.cos(math.pi * t / settings.steps))
