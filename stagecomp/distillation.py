@@ -48,8 +48,10 @@ class LocalDistillation:
 
     The defaults are a short, cautious run: a data-aware fit is already close to each
     layer's least-squares optimum on the calibration inputs, and larger learning rates
-    fitted the calibration data at the expense of held-out inputs
-    (``docs/howto/data-aware.md`` has the figures).
+    did not fit the calibration data better but worse: the fit starts near each layer's
+    optimum, and Adam's first steps (about lr times each tensor's RMS per entry) overshoot
+    it (``docs/howto/data-aware.md`` has the figures). A step whose calibration error
+    training raised keeps its fitted factors, with a warning.
 
     Attributes:
         steps: Training iterations per compression step (one calibration batch each;
@@ -331,6 +333,7 @@ def _refine(
                 param.requires_grad_(True)
                 param.grad = None
             before = _errors(model, units, targets, batches)
+            start = [param.detach().clone() for param in params]
             _train(
                 model,
                 units,
@@ -342,6 +345,19 @@ def _refine(
                 progress,
             )
             after = _errors(model, units, targets, batches)
+            if _worse(after, before):
+                # The data-aware fit starts close to each unit's optimum: steps too large
+                # for that distance (lr) leave it worse. Training must not make it worse.
+                with torch.no_grad():
+                    for param, value in zip(params, start, strict=True):
+                        param.copy_(value)
+                logger.warning(
+                    "local distillation raised the calibration error of %s (lr=%g), so "
+                    "those layers keep their fitted factors; a lower lr may help",
+                    ", ".join(u.name for u in units),
+                    settings.lr,
+                )
+                after = dict(before)
         finally:
             for param, flag, grad in flags:
                 param.requires_grad_(flag)
@@ -355,6 +371,11 @@ def _refine(
         "local distillation: %s",
         ", ".join(f"{u.name} {before[u.name]:.4f} -> {after[u.name]:.4f}" for u in units),
     )
+
+
+def _worse(after: Mapping[str, float], before: Mapping[str, float]) -> bool:
+    """Whether the step's loss (the sum of its units' squared relative errors) rose."""
+    return sum(e * e for e in after.values()) > sum(e * e for e in before.values())
 
 
 def _outputs(
