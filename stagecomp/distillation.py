@@ -48,8 +48,10 @@ class LocalDistillation:
 
     The defaults are a short, cautious run: a data-aware fit is already close to each
     layer's least-squares optimum on the calibration inputs, and larger learning rates
-    fitted the calibration data at the expense of held-out inputs
-    (``docs/howto/data-aware.md`` has the figures).
+    did not fit the calibration data better but worse: the fit starts near each layer's
+    optimum, and Adam's first steps (about lr times each tensor's RMS per entry) overshoot
+    it (``docs/howto/data-aware.md`` has the figures). A step whose calibration error
+    training raised keeps its fitted factors, with a warning.
 
     Attributes:
         steps: Training iterations per compression step (one calibration batch each;
@@ -331,8 +333,31 @@ def _refine(
                 param.requires_grad_(True)
                 param.grad = None
             before = _errors(model, units, targets, batches)
-            _train(model, units, targets, params, settings, batches, progress)
+            start = [param.detach().clone() for param in params]
+            _train(
+                model,
+                units,
+                targets,
+                params,
+                _scales(replaced.values()),
+                settings,
+                batches,
+                progress,
+            )
             after = _errors(model, units, targets, batches)
+            if _worse(after, before):
+                # The data-aware fit starts close to each unit's optimum: steps too large
+                # for that distance (lr) leave it worse. Training must not make it worse.
+                with torch.no_grad():
+                    for param, value in zip(params, start, strict=True):
+                        param.copy_(value)
+                logger.warning(
+                    "local distillation raised the calibration error of %s (lr=%g), so "
+                    "those layers keep their fitted factors; a lower lr may help",
+                    ", ".join(u.name for u in units),
+                    settings.lr,
+                )
+                after = dict(before)
         finally:
             for param, flag, grad in flags:
                 param.requires_grad_(flag)
@@ -346,6 +371,11 @@ def _refine(
         "local distillation: %s",
         ", ".join(f"{u.name} {before[u.name]:.4f} -> {after[u.name]:.4f}" for u in units),
     )
+
+
+def _worse(after: Mapping[str, float], before: Mapping[str, float]) -> bool:
+    """Whether the step's loss (the sum of its units' squared relative errors) rose."""
+    return sum(e * e for e in after.values()) > sum(e * e for e in before.values())
 
 
 def _outputs(
@@ -391,8 +421,25 @@ def _errors(
 
 
 def _rms(param: torch.Tensor) -> float:
-    rms = float(param.detach().float().square().mean().sqrt()) if param.numel() else 0.0
-    return rms if rms > 0 else 1.0
+    return float(param.detach().float().square().mean().sqrt()) if param.numel() else 0.0
+
+
+def _scales(modules: Iterable[nn.Module]) -> dict[nn.Parameter, float]:
+    """Each trained tensor's RMS, the size its Adam steps are relative to.
+
+    An all-zero tensor (a bias initialised to zero) has no size of its own; it takes the
+    smallest RMS among its layer's other tensors, a cautious guess on the layer's scale
+    (a fixed 1.0 would move it by the whole lr per step, on BERT's ~0.04 weights 25 times
+    the factors' steps).
+    """
+    scales: dict[nn.Parameter, float] = {}
+    for module in modules:
+        own = {p: _rms(p) for p in module.parameters()}
+        sized = [v for v in own.values() if v > 0]
+        fallback = min(sized) if sized else 1.0
+        for param, value in own.items():
+            scales.setdefault(param, value if value > 0 else fallback)
+    return scales
 
 
 def _train(
@@ -400,6 +447,7 @@ def _train(
     units: Sequence[_Unit],
     targets: _Targets,
     params: list[nn.Parameter],
+    scales: Mapping[nn.Parameter, float],
     settings: LocalDistillation,
     batches: Any,
     progress: bool,
@@ -408,7 +456,7 @@ def _train(
     # Adam moves every entry by about lr per step whatever its gradient's scale: scaled by
     # each tensor's RMS, one lr suits factors of any magnitude (BERT's weights are ~0.04).
     optimizer = torch.optim.Adam(
-        [{"params": [p], "lr": settings.lr * _rms(p)} for p in params], lr=settings.lr
+        [{"params": [p], "lr": settings.lr * scales[p]} for p in params], lr=settings.lr
     )
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda t: 0.5 * (1.0 + math.cos(math.pi * t / settings.steps))

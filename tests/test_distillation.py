@@ -510,3 +510,73 @@ def test_padded_positions_do_not_train_the_layers() -> None:
     assert errors(first_c) == pytest.approx(errors(other_c), rel=1e-5)
     pairs = list(zip(errors(first_c)[::2], errors(first_c)[1::2], strict=True))
     assert all(after < before for before, after in pairs)
+
+
+def test_a_zero_bias_steps_on_its_layers_scale() -> None:
+    """Adam's steps are relative to each tensor's RMS; a zero bias has none, and a fixed
+    1.0 moved it by the whole lr per step, here 100 times what the layer's factors moved."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 8)).eval()
+    with torch.no_grad():
+        model[0].weight.mul_(0.01)
+        model[0].bias.zero_()
+    batches = [torch.randn(16, 32, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    compressor = sc.Compressor(
+        model,
+        "manual",
+        ranks={"0": 4},
+        exclude=["2"],
+        methods={"0": "svd"},
+        progress=False,
+        calibration=sc.Calibration(
+            batches, factors=None, refine=sc.LocalDistillation(steps=1, lr=1e-2)
+        ),
+    )
+    compressor.compression_step()
+    layer = model[0]
+    assert isinstance(layer, sc.DecomposedLayer)
+    bias = layer.dense_bias()
+    assert bias is not None
+    factors = [p for p in layer.parameters() if p is not bias]
+    scale = min(float(p.detach().square().mean().sqrt()) for p in factors)
+    # Adam's first step moves each entry by exactly its group's lr (where it has a gradient).
+    moved = float(bias.detach().abs().max())
+    assert 0 < moved <= 1.01 * 1e-2 * scale
+    assert scale < 0.05  # so a step of the whole lr (1e-2) would fail the bound above
+
+
+def test_distillation_runs_with_dropout_off() -> None:
+    """A model left in train mode distils in eval mode: dropout would make the targets
+    and the new layers' outputs random, and the two would not match even at the start."""
+    model = nn.Sequential(nn.Linear(32, 24), nn.Dropout(0.5), nn.ReLU(), nn.Linear(24, 8))
+    model.train()
+    seen: list[bool] = []
+    model[1].register_forward_hook(lambda m, _a, _o: seen.append(m.training))
+    batches = [torch.randn(16, 32, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    compressor = sc.Compressor(
+        model,
+        "manual",
+        ranks={"3": 4},
+        exclude=["0"],
+        progress=False,
+        calibration=sc.Calibration(batches, factors=None, refine=sc.LocalDistillation(steps=3)),
+    )
+    seen.clear()
+    compressor.compression_step()
+    assert seen and not any(seen)
+    assert model[1].training  # and the model gets its mode back
+
+
+def test_a_step_that_training_made_worse_keeps_its_fitted_factors(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Steps far larger than the distance to the optimum raise the error (MiniLM at lr
+    1e-2 went from 0.91 to 0.56 held-out cosine): the step keeps its starting factors."""
+    plain, overshot = _tiny(), _tiny()
+    _compress(plain, None, layers_per_step=3)
+    with caplog.at_level("WARNING", logger="stagecomp.distillation"):
+        compressor = _compress(overshot, sc.LocalDistillation(steps=3, lr=2.0), layers_per_step=3)
+    assert "raised the calibration error" in caplog.text
+    assert parameters_digest(overshot) == parameters_digest(plain)
+    for change in compressor.history[0].changes:
+        assert change.refined_error_after == change.refined_error_before
