@@ -237,6 +237,20 @@ def test_out_of_reach_gives_up_a_little_speed_for_much_less_error() -> None:
     assert sum(errors) <= 0.3  # the fastest allocation's error is 1.8
 
 
+def test_a_ceiling_within_the_tolerance_of_the_model_leaves_it_as_it_is() -> None:
+    options = [LayerOption(None, None, 100, 10.0, 0.0)]
+    options += [LayerOption("svd", (r,), r, 9.0 + 0.1 * r, 0.1 * r) for r in range(1, 6)]
+    tables = [LayerTable("layer", None, 10.0, tuple(options))]
+
+    def measure(allocation: dict[str, LayerOption]) -> tuple[float, float]:
+        return 100.0, 90.0 + allocation["layer"].seconds  # at most 100 / 99.1: 1.009x
+
+    result = search(tables, measure, goal=2.0)
+    assert not result.reached and result.reason is not None
+    assert result.allocation["layer"].method is None and result.speedup == 1.0
+    assert "left as it is" in result.reason
+
+
 def test_calibration_prices_choices_by_output_error() -> None:
     torch.manual_seed(0)
     batches = [torch.randn(4, 3, 16, 16) for _ in range(2)]

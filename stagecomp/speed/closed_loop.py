@@ -192,6 +192,12 @@ def _under_the_ceiling(
     near = [(a, t) for a, t in measured if t.speedup >= ceiling * (1 - tolerance)]
     allocation, trial = min(near, key=lambda pair: pair[1].error)
     result.allocation, result.speedup = allocation, trial.speedup
+    if _key(tables, allocation) == _key(tables, as_it_is(tables)):
+        result.reason = (
+            f"{result.reason}; that is within {tolerance:.0%} of the model as it is, so "
+            "every layer is left as it is"
+        )
+        return
     result.reason = (
         f"{result.reason}; kept the allocation with the least error within "
         f"{tolerance:.0%} of that ceiling: {trial.speedup:.3g}x"
