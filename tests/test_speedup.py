@@ -229,7 +229,14 @@ def test_out_of_reach_gives_up_a_little_speed_for_much_less_error() -> None:
     def measure(allocation: dict[str, LayerOption]) -> tuple[float, float]:
         return 25.0, 5.0 + sum(option.seconds for option in allocation.values())
 
-    result = search(tables, measure, goal=5.0)  # at most 25 / 9.2 = 2.72x
+    calls = []
+
+    def counted(allocation: dict[str, LayerOption]) -> tuple[float, float]:
+        calls.append(allocation)
+        return measure(allocation)
+
+    result = search(tables, counted, goal=5.0, max_rounds=8)  # at most 25 / 9.2 = 2.72x
+    assert result.measurements == len(calls) <= 8 + 1  # the rounds, and the start
     ceiling = 25 / 9.2
     assert not result.reached and result.reason is not None and "2.72x" in result.reason
     assert ceiling * 0.95 <= result.speedup < ceiling

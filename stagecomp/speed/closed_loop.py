@@ -69,7 +69,9 @@ class LoopResult:
         reached: Whether that is within the tolerance of the goal.
         reason: Why not, when it is not.
         start_speedup: Measured speed-up of the model as it was (1 at the first stage).
-        trials: Every measurement, in order.
+        trials: Every measurement of an allocation, in order.
+        measurements: Whole-model measurements in all (the trials, and each measurement
+            of the model as it was).
     """
 
     allocation: Allocation
@@ -79,6 +81,7 @@ class LoopResult:
     reason: str | None
     start_speedup: float
     trials: list[Trial] = field(default_factory=list)
+    measurements: int = 1
 
 
 def search(
@@ -144,6 +147,7 @@ def search(
         tried.add(key)
         points.append((trial.layer_s, 1 / trial.speedup))
         result.trials.append(trial)
+        result.measurements += 1
         measured.append((allocation, trial))
         logger.info(
             "goal %.3gx: layer budget %.4g s -> measured %.3gx (predicted error %.3g)",
@@ -184,10 +188,11 @@ def _under_the_ceiling(
     """Replace the fastest allocation in ``result`` by the least-error one measured within
     ``tolerance`` of the ceiling (the fastest allocation's speed-up)."""
     ceiling = max(trial.speedup for _, trial in measured)
-    rounds = max_rounds - len(measured)
+    rounds = max_rounds - len(measured) - 1  # the new search measures the start again
     if rounds > 0:
         again = search(tables, measure, ceiling * (1 - tolerance / 2), tolerance / 2, rounds)
         result.trials.extend(again.trials)
+        result.measurements += again.measurements
         measured = [*measured, (again.allocation, _as_trial(again))]
     near = [(a, t) for a, t in measured if t.speedup >= ceiling * (1 - tolerance)]
     allocation, trial = min(near, key=lambda pair: pair[1].error)

@@ -273,7 +273,7 @@ class Speedup:
             reached=result.reached,
             reason=result.reason,
             error=total_error(result.allocation),
-            rounds=len(result.trials) + 1,
+            rounds=result.measurements,
             seconds=time.perf_counter() - started,
             picks=dict(result.allocation),
         )
