@@ -434,8 +434,8 @@ def collect_gradient_moments(
         mask: Which positions of a batch are samples (default: a dict batch's
             ``attention_mask``): masked rows of a layer's output gradient are left out,
             and the random projection is zero at masked positions of the output.
-        before_batch: Called with each batch's index before it runs (memory-bounded
-            calibration uses it to start the model at a block from cached inputs).
+        before_batch: Called with each batch's index before it runs (e.g. to start the
+            model at a block from cached inputs with ``stagecomp.blocks.starting_at``).
 
     Returns:
         ``{name: (out, out) matrix}`` (``gradient_dtype``: float32, float64 for a float64

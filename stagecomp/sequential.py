@@ -44,7 +44,7 @@ ahead), one block's moments and one batch's autograd graph through one block.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -318,11 +318,9 @@ class SequentialStatistics:
                     self.model, inputs, index, hidden, by_block[index], outputs, progress
                 )
             )
-            if not chosen[index]:
-                pass
-            elif swept is not None:
+            if swept is not None:
                 _attach(statistics, {n: swept.pop(n) for n in chosen[index] if n in swept})
-            else:
+            elif chosen[index]:
                 _attach(
                     statistics,
                     self._kept_gradients(inputs, index, hidden, chosen[index], probes, progress),
@@ -353,15 +351,7 @@ class SequentialStatistics:
             mask=self.mask,
             progress=progress,
         )
-        sweep = _GradientSweep(
-            self.model,
-            self.batches,
-            inputs,
-            self.forward,
-            self.output or main_output,
-            probes,
-            seed=0,
-        )
+        sweep = self._gradient_sweep(inputs, probes)
         moments: dict[str, torch.Tensor] = {}
         for index in range(last, first - 1, -1):
             if self._keeps(index, after) and sweep.delta is not None:
@@ -379,6 +369,18 @@ class SequentialStatistics:
         self._fingerprint = _fingerprint(self.model, self.blocks[first:])
         return moments
 
+    def _gradient_sweep(self, inputs: BlockInputs, probes: int) -> _GradientSweep:
+        """A sweep over ``inputs`` with this calibration's forward, output and seed."""
+        return _GradientSweep(
+            self.model,
+            self.batches,
+            inputs,
+            self.forward,
+            self.output or main_output,
+            probes,
+            seed=0,
+        )
+
     def _kept_gradients(
         self,
         inputs: BlockInputs,
@@ -393,27 +395,15 @@ class SequentialStatistics:
         backpropagated through it, run on its current inputs. The last two blocks run
         to the model's output: exact."""
         kept = self._kept_for(index)
-        sweep = _GradientSweep(
-            self.model,
-            self.batches,
-            inputs,
-            self.forward,
-            self.output or main_output,
-            probes,
-            seed=0,
-        )
+        sweep = self._gradient_sweep(inputs, probes)
         if kept is not None:
             sweep.delta, sweep.through = kept
         return sweep.step(index, hidden, names, progress, to_input=False)
 
     def _add_gradients(
-        self,
-        statistics: dict[str, LayerStatistics],
-        names: Sequence[str],
-        progress: bool,
-        select: Callable[[int], None] | None = None,
-        probes: int = GRADIENT_PROBES,
+        self, statistics: dict[str, LayerStatistics], names: Sequence[str], progress: bool
     ) -> None:
+        """Gradient moments of ``names``, layers outside every block, on the whole model."""
         if not names:
             return
         moments = collect_gradient_moments(
@@ -422,10 +412,8 @@ class SequentialStatistics:
             names,
             forward=self.forward,
             output=self.output,
-            probes=probes,
             progress=progress,
             mask=self.mask,
-            before_batch=select,
         )
         for name, moment in moments.items():
             statistics[name].gradient_moment = moment
