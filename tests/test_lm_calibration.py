@@ -51,17 +51,29 @@ def _block_linears(model: nn.Module) -> list[str]:
     ]
 
 
-def _compress(
-    model: nn.Module, batches: list[Any], factors: str, blocks: str | None, per_step: int = 7
+def _compressor(
+    model: nn.Module,
+    batches: list[Any],
+    factors: str,
+    blocks: str | None,
+    per_step: int = 7,
+    refine: sc.LocalDistillation | None = None,
 ) -> sc.Compressor:
-    compressor = sc.Compressor(
+    """A 2x reduction of the block layers (the head left dense), one block per step."""
+    return sc.Compressor(
         model,
         sc.Reduction(2.0),
         exclude=["lm_head"],
         layers_per_step=per_step,
         progress=False,
-        calibration=sc.Calibration(batches, factors=factors, blocks=blocks),
+        calibration=sc.Calibration(batches, factors=factors, blocks=blocks, refine=refine),
     )
+
+
+def _compress(
+    model: nn.Module, batches: list[Any], factors: str, blocks: str | None, per_step: int = 7
+) -> sc.Compressor:
+    compressor = _compressor(model, batches, factors, blocks, per_step)
     while not compressor.done:
         compressor.compression_step()
     return compressor
@@ -170,14 +182,7 @@ def test_a_change_outside_the_steps_takes_the_output_gradients_again(
     """A "fine-tuning" update of a block ahead, between steps, invalidates the kept
     output gradients: the next block's moments are exact again."""
     model = _llama(5)
-    compressor = sc.Compressor(
-        model,
-        sc.Reduction(2.0),
-        exclude=["lm_head"],
-        layers_per_step=7,
-        progress=False,
-        calibration=sc.Calibration(_batches(), factors="gradient", blocks=BLOCKS),
-    )
+    compressor = _compressor(model, _batches(), "gradient", BLOCKS)
     compressor.compression_step()
     with torch.no_grad():
         model.model.layers[4].mlp.down_proj.weight.mul_(1.5)
@@ -191,14 +196,7 @@ def test_fine_tuning_between_steps_takes_the_block_inputs_again(captures: list[i
     batches = _batches()
     models = (_llama(), _llama())
     compressors = [
-        sc.Compressor(
-            m,
-            sc.Reduction(2.0),
-            exclude=["lm_head"],
-            layers_per_step=7,
-            progress=False,
-            calibration=sc.Calibration(batches, factors="whiten", blocks=blocks),
-        )
+        _compressor(m, batches, "whiten", blocks)
         for m, blocks in zip(models, (None, BLOCKS), strict=True)
     ]
     for step in range(3):
@@ -440,14 +438,7 @@ def test_block_path_moves_on_through_refined_blocks() -> None:
         ("bounded", BLOCKS, refine),
     ):
         model = _llama(2)
-        compressor = sc.Compressor(
-            model,
-            sc.Reduction(2.0),
-            exclude=["lm_head"],
-            layers_per_step=7,
-            progress=False,
-            calibration=sc.Calibration(batches, factors="whiten", blocks=blocks, refine=refined),
-        )
+        compressor = _compressor(model, batches, "whiten", blocks, refine=refined)
         while not compressor.done:
             compressor.compression_step()
         models[label] = model
