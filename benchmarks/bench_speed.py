@@ -9,6 +9,9 @@ For each torchvision model (random weights, eval mode) and each target (2x, 3x) 
 - ``speedup bN``: ``Speedup(target, batch_size=N)``: every layer's method and ranks chosen
   for a whole-model speed-up of ``target`` measured at batch N (layer tables, Lagrangian
   allocation, closed loop on the whole model).
+- ``macs bN``: ``Speedup(efficiency * target, macs=target, batch_size=N)``: the MAC cut
+  ``target`` spent where it buys time measured at batch N, asking for at least
+  ``--efficiency`` (0.85) of it as speed-up: the MAC-targeted path that uses the timings.
 
 ``plain`` and ``aware=`` are the paths as they were before ``Speedup``; they are rebuilt
 and timed in the same run, so "before" and "after" share the machine's conditions.
@@ -207,10 +210,17 @@ def speedup_row(
     cache: dict[Any, float],
     model_name: str,
     size: int,
+    efficiency: float | None = None,
 ) -> Row:
-    """``Speedup(target)`` timed at ``batch``: its structures, or the Compressor's result."""
+    """``Speedup(target)`` timed at ``batch``: its structures, or the Compressor's result.
+
+    With ``efficiency``: ``Speedup(efficiency * target, macs=target)`` instead.
+    """
     model = copy.deepcopy(original)
-    strategy = sc.Speedup(target, batch_size=batch, layer_cache=cache)
+    if efficiency is None:
+        strategy = sc.Speedup(target, batch_size=batch, layer_cache=cache)
+    else:
+        strategy = sc.Speedup(efficiency * target, macs=target, batch_size=batch, layer_cache=cache)
     started = time.perf_counter()
     compressor = sc.Compressor(model, strategy, x, layers_per_step=10**6, progress=False)
     if decompose:
@@ -235,11 +245,11 @@ def speedup_row(
         model_name,
         size,
         target,
-        f"speedup b{batch}",
+        f"speedup b{batch}" if efficiency is None else f"macs b{batch}",
         None,
         model_stats(model, x),
         model,
-        asked=target,
+        asked=strategy.target,
         loop_measured=outcome.measured,
         strategy_s=outcome.seconds,
         compress_s=total_s if decompose else None,
@@ -409,8 +419,14 @@ def main() -> None:
     parser.add_argument(
         "--variants",
         nargs="+",
-        default=["plain", "aware=", "speedup"],
-        choices=["plain", "aware=", "speedup"],
+        default=["plain", "aware=", "speedup", "macs"],
+        choices=["plain", "aware=", "speedup", "macs"],
+    )
+    parser.add_argument(
+        "--efficiency",
+        type=float,
+        default=0.85,
+        help="the macs variant asks Speedup(efficiency * target, macs=target)",
     )
     parser.add_argument(
         "--speedup-batches",
@@ -436,7 +452,8 @@ def main() -> None:
         f"median of {args.repeats} interleaved runs after {args.warmup} warm-up; "
         f"plain = tucker2 (1x1: svd) at the MAC target; aware= = fastest of svd/tucker2/dense "
         f"timed at batch {args.aware_batch}, at the rate meeting the MAC target; "
-        f"speedup bN = Speedup(target, batch_size=N); "
+        f"speedup bN = Speedup(target, batch_size=N); macs bN = Speedup({args.efficiency:g} * "
+        f"target, macs=target, batch_size=N); "
         f"{'decomposed by the Compressor' if args.decompose else 'structures only'}"
     )
     timer = StructureTimer(device, warmup=1, repeats=args.aware_repeats)
@@ -483,11 +500,22 @@ def run_model(
             rows.append(
                 Row(model_name, size, target, "aware=", rate, model_stats(model, x1), model)
             )
-        if "speedup" in args.variants:
+        for variant in ("speedup", "macs"):
+            if variant not in args.variants:
+                continue
+            efficiency = args.efficiency if variant == "macs" else None
             for batch in args.speedup_batches or args.batches:
                 x = xa.expand(batch, -1, -1, -1).contiguous(memory_format=torch.channels_last)
                 row = speedup_row(
-                    laid_out, x, target, batch, args.decompose, layer_cache, model_name, size
+                    laid_out,
+                    x,
+                    target,
+                    batch,
+                    args.decompose,
+                    layer_cache,
+                    model_name,
+                    size,
+                    efficiency,
                 )
                 row.stats = model_stats(row.model, x1)
                 if args.decompose:

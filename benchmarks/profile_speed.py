@@ -1,8 +1,9 @@
 """Where whole-model time goes: torch.profiler per-op shares, before and after compression.
 
 For each model it times, at one batch size, the original (BatchNorm folded,
-channels-last), the plain ``Reduction`` pass at 2x fewer MACs and ``Speedup(2.0)``
-(both built from structures, as in ``bench_speed.py``), and splits each forward pass by
+channels-last), the plain ``Reduction`` pass at 2x fewer MACs, ``Speedup(2.0)`` and
+``Speedup(0.85 * 2.0, macs=2.0)`` (all built from structures, as in ``bench_speed.py``;
+``--target`` changes the 2), and splits each forward pass by
 the top-level operator torch.profiler records: convolutions by kind (kxk, 1x1, depthwise,
 read from the weight's shape), Linear, activations, residual additions, pooling and the
 rest. The shares say what a decomposition can and cannot speed up: only convolutions and
@@ -72,9 +73,11 @@ def shares(model: nn.Module, x: torch.Tensor, runs: int) -> dict[str, float]:
     return dict(totals)
 
 
-def speedup_model(laid_out: nn.Module, x: torch.Tensor, target: float) -> nn.Module:
-    """``Speedup(target)``'s structures for ``laid_out`` timed at ``x``."""
-    strategy = sc.Speedup(target)
+def speedup_model(
+    laid_out: nn.Module, x: torch.Tensor, target: float, macs: float | None = None
+) -> nn.Module:
+    """``Speedup(target, macs=macs)``'s structures for ``laid_out`` timed at ``x``."""
+    strategy = sc.Speedup(target, macs=macs)
     compressor = sc.Compressor(copy.deepcopy(laid_out), strategy, x, progress=False)
     names = tuple(t.name for t in compressor.targets)
     strategy.prepare(ModelRequest(laid_out, x, names, {}, 0, 1, compressor.options))
@@ -96,6 +99,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--target", type=float, default=2.0)
+    parser.add_argument("--efficiency", type=float, default=0.85)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with open("/proc/loadavg") as loadavg:
@@ -104,7 +108,8 @@ def main() -> None:
         f"# profile_speed: {describe_device('cpu')}, load average {load}, batch {args.batch}, "
         f"{args.size} px, BN folded, channels-last; ms per forward pass by top-level "
         f"operator (torch.profiler); plain = Reduction at {args.target:g}x fewer MACs, "
-        f"speedup = Speedup({args.target:g})"
+        f"speedup = Speedup({args.target:g}), macs = Speedup({args.efficiency:g} * "
+        f"{args.target:g}, macs={args.target:g})"
     )
     head = " ".join(f"{c:>14}" for c in (*CATEGORIES, "other"))
     print(f"{'model':<13} {'variant':<8} {'MACs x':>6} {'ms':>8} {'speed x':>7} {head}")
@@ -119,6 +124,7 @@ def main() -> None:
             "original": copy.deepcopy(original),
             "plain": with_structures(original, plan_at_rate(original, rate, None), x.device),
             "speedup": speedup_model(laid_out, x, args.target),
+            "macs": speedup_model(laid_out, x, args.efficiency * args.target, args.target),
         }
         models = {k: sc.to_channels_last(prepare(m)) for k, m in variants.items()}
         base = model_stats(models["original"], x1)

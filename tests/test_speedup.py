@@ -14,7 +14,7 @@ from torch import nn
 
 import stagecomp as sc
 from stagecomp.latency_aware import CURRENT, Candidate
-from stagecomp.speed.allocation import allocate, fastest, total_seconds
+from stagecomp.speed.allocation import allocate, fastest, total_macs, total_seconds
 from stagecomp.speed.closed_loop import search
 from stagecomp.speed.layer_table import LayerOption, LayerTable, Structure
 from stagecomp.speed.rank_grid import rank_grid
@@ -335,3 +335,84 @@ def test_a_saved_run_resumes_with_the_same_settings() -> None:
     assert resumed.step_index == 1
     resumed.compression_step()  # stage 2 prepared afresh on the resumed model (measured)
     assert resumed.done and resumed.strategy.outcome(1).goal == pytest.approx(2.0)
+
+
+# ---------------------------------------------------------------------- a MAC budget too
+def _mac_table(name: str, width: int) -> LayerTable:
+    """A layer of 100 MACs whose choices save time fast and MACs faster: rank r costs r
+    MACs and ``3 + r / 20`` seconds (a memory-bound floor of 3), error ``(100 - r) / 100``."""
+    options = [LayerOption(None, None, 100, 10.0, 0.0, 100)]
+    options += [
+        LayerOption("svd", (r,), r, 3.0 + r / 20, (100 - r) / 100, r)
+        for r in range(width, 100, width)
+    ]
+    return LayerTable(name, None, 10.0, tuple(options))
+
+
+def test_a_mac_budget_is_met_and_filled_one_layer_at_a_time() -> None:
+    # Four layers of one geometry: one multiplier moves them all at once, from 4 x 100
+    # MACs to 4 x 40, so without filling the cut would be far past the 230 asked.
+    tables = [_mac_table(f"l{i}", 40) for i in range(4)]
+    picks = allocate(tables, budget_s=math.inf, budget_macs=230.0)
+    assert 200 <= total_macs(picks) <= 230
+    assert len({p.ranks for p in picks.values()}) > 1
+
+
+def test_a_tight_latency_budget_does_not_cut_more_macs_than_it_needs() -> None:
+    # Tables of different lengths (padding). Out of reach of the latency budget, the
+    # answer is the quickest allocation near the MAC budget, not the fewest MACs: the MAC
+    # multiplier turns negative and pulls the cut back towards what was asked.
+    tables = [_mac_table("a", 10), _mac_table("b", 20), _mac_table("c", 5)]
+    assert total_macs(fastest(tables)) == 10 + 20 + 5
+    picks = allocate(tables, budget_s=0.0, budget_macs=150.0)
+    assert 100 <= total_macs(picks) <= 150
+    assert total_seconds(picks) < total_seconds(allocate(tables, math.inf, 150.0))
+
+
+def test_the_loop_keeps_the_mac_budget_alone_when_it_is_fast_enough() -> None:
+    tables = [_mac_table(f"l{i}", 10) for i in range(3)]
+
+    def measure(allocation: dict[str, LayerOption]) -> tuple[float, float]:
+        return 32.0, 2.0 + total_seconds(allocation)
+
+    result = search(tables, measure, goal=1.3, budget_macs=150.0)
+    # The least error at 150 MACs (one layer dense) measures 32 / (2 + 18.5) = 1.56x:
+    # faster than asked, and no fault, since the MAC cut is what binds.
+    assert result.reached and result.speedup == pytest.approx(32 / 20.5)
+    assert total_macs(result.allocation) == 150 and result.measurements == 2
+    result = search(tables, measure, goal=1.8, budget_macs=150.0)
+    # Faster than the MAC budget alone: error traded for time (32 / 18.5 = 1.73x at the
+    # same 150 MACs, more by cutting a little further).
+    assert result.reached and result.speedup >= 1.8 * 0.95
+    assert 120 <= total_macs(result.allocation) <= 150
+    result = search(tables, measure, goal=5.0, budget_macs=150.0)
+    assert not result.reached and result.reason is not None
+    assert "the quickest allocation near the MAC budget" in result.reason
+    assert total_macs(result.allocation) <= 150
+
+
+def test_speedup_with_macs_cuts_the_model_macs_as_asked() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16)
+    before = sc.model_stats(Net(), x).macs
+    strategy = sc.Speedup(1.2, macs=2.0, timer=_layer_ms)
+    compressor = _compress(strategy)
+    outcome = strategy.outcome(0)
+    after = sc.model_stats(compressor.model, x).macs
+    assert outcome.mac_cut is not None
+    assert outcome.mac_cut == pytest.approx(before / after)
+    assert 2.0 <= outcome.mac_cut <= 2.3
+    assert outcome.reached and outcome.measured >= 1.2 * 0.95
+    assert "fewer MACs" in str(outcome)
+    # Without the MAC budget the same speed-up is bought with a different cut.
+    free = sc.Speedup(1.2, timer=_layer_ms)
+    _compress(free)
+    assert free.outcome(0).mac_cut is None
+
+
+def test_bad_mac_budgets_are_refused() -> None:
+    for macs in (1.0, 0.5, float("nan"), True, "2"):
+        with pytest.raises(sc.StagecompError, match="Speedup macs="):
+            sc.Speedup(2.0, macs=macs)  # type: ignore[arg-type]
+    strategy = sc.Speedup(2.0, macs=3.0)
+    assert strategy_from_dict(strategy.to_dict()) == strategy

@@ -16,6 +16,13 @@ A goal out of reach is not answered with every layer at its fastest: that alloca
 each layer to its smallest rank for the last few percent of speed (measured on resnet18
 at 3x: 20x fewer MACs, weight error 0.95, for 2.59x). The loop aims again, just under the
 ceiling it measured, and keeps the least-error allocation within ``tolerance`` of it.
+
+With a MAC budget as well (``Speedup(macs=...)``) every allocation sums to about that
+many MACs (see ``allocation``), and the speed-up asked becomes a floor: the loop first
+measures the least-error allocation at the MAC budget alone, keeps it when it is fast
+enough (faster is then no fault: the MAC cut is what was asked), and otherwise trades
+error for speed at the same MAC cut as above; the ceiling is then the quickest
+allocation at that cut.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from stagecomp.speed.allocation import (
     as_it_is,
     fastest,
     total_error,
+    total_macs,
     total_seconds,
 )
 from stagecomp.speed.layer_table import LayerOption, LayerTable
@@ -90,6 +98,7 @@ def search(
     goal: float,
     tolerance: float = 0.05,
     max_rounds: int = 8,
+    budget_macs: float | None = None,
 ) -> LoopResult:
     """The least-error allocation whose measured speed-up is within ``tolerance`` of ``goal``.
 
@@ -99,30 +108,52 @@ def search(
         goal: Whole-model speed-up over the dense reference to reach (> 1).
         tolerance: Relative distance from ``goal`` that counts as reached.
         max_rounds: Most allocations measured.
+        budget_macs: Most MACs the layers may sum to (the tables' ``macs``); the goal is
+            then a floor (see the module's docstring).
     """
     start = as_it_is(tables)
     reference_s, start_s = measure(start)
     start_speedup = reference_s / start_s
     result = LoopResult(start, goal, start_speedup, False, None, start_speedup)
-    if abs(start_speedup / goal - 1) <= tolerance:
+    best: tuple[Allocation, Trial] | None = None
+    measured: list[tuple[Allocation, Trial]] = []
+    first, first_speedup = start, start_speedup
+    if budget_macs is not None and total_macs(start) > budget_macs:
+        # The model as it is breaks the MAC budget: start from the least error that meets it.
+        first = allocate(tables, math.inf, budget_macs)
+        reference_s, seconds = measure(first)
+        first_speedup = reference_s / seconds
+        trial = Trial(math.inf, total_seconds(first), total_error(first), first_speedup)
+        logger.info("goal %.3gx: the MAC budget alone measures %.3gx", goal, first_speedup)
+        result.trials.append(trial)
+        result.measurements += 1
+        result.allocation, result.speedup = first, first_speedup
+        best = (first, trial)
+        measured.append(best)
+        result.reached = _reaches(first_speedup, goal, tolerance, floor=True)
+        if result.reached or max_rounds <= 1:
+            if not result.reached:
+                result.reason = f"the MAC budget alone measures {first_speedup:.3g}x"
+            return result
+        max_rounds -= 1
+    elif abs(start_speedup / goal - 1) <= tolerance:
         result.reached = True
         return result
-    start_layer_s = total_seconds(start)
-    floor_s = total_seconds(fastest(tables))
-    if start_speedup > goal:
+    elif start_speedup > goal:
         result.reason = (
             f"the model as it is already measures {start_speedup:.3g}x, faster than asked; "
             "every choice left would only make it faster"
         )
         return result
+    start_layer_s = total_seconds(first)
+    quickest = fastest(tables) if budget_macs is None else allocate(tables, 0.0, budget_macs)
+    floor_s = total_seconds(quickest)
     dense_layer_s = sum(t.reference_s for t in tables) or start_layer_s
     # (summed layer seconds, model seconds / reference seconds) of every measurement.
-    points = [(start_layer_s, 1 / start_speedup)]
-    tried = {_key(tables, start)}
+    points = [(start_layer_s, 1 / first_speedup)]
+    tried = {_key(tables, first)}
     # First guess: the whole model's time scales with its layers' time.
-    budget = start_layer_s - (1 / start_speedup - 1 / goal) * dense_layer_s
-    best: tuple[Allocation, Trial] | None = None
-    measured: list[tuple[Allocation, Trial]] = []
+    budget = start_layer_s - (1 / first_speedup - 1 / goal) * dense_layer_s
     at_floor = False
     for _ in range(max_rounds):
         slow = min((p for p in points if p[1] > 1 / goal), key=lambda p: p[0])
@@ -132,11 +163,11 @@ def search(
             budget = low  # every layer at its fastest: shows at once whether the goal is in reach
         elif not low <= budget < slow[0] or (fast is not None and budget == low):
             budget = (low + slow[0]) / 2
-        allocation = allocate(tables, budget)
+        allocation = allocate(tables, budget, budget_macs)
         key = _key(tables, allocation)
         if key in tried:
             budget = (low + slow[0]) / 2
-            allocation = allocate(tables, budget)
+            allocation = allocate(tables, budget, budget_macs)
             key = _key(tables, allocation)
             if key in tried:
                 break  # no allocation left between the nearest measurements
@@ -169,12 +200,21 @@ def search(
         return result
     allocation, trial = best
     result.allocation, result.speedup = allocation, trial.speedup
-    result.reached = abs(trial.speedup / goal - 1) <= tolerance
+    result.reached = _reaches(trial.speedup, goal, tolerance, budget_macs is not None)
     if not result.reached:
-        result.reason = _why_not(tables, result, reference_s, floor_s)
+        result.reason = _why_not(tables, result, reference_s, floor_s, budget_macs is not None)
         if at_floor and trial.speedup < goal:
-            _under_the_ceiling(tables, measure, result, measured, tolerance, max_rounds)
+            _under_the_ceiling(
+                tables, measure, result, measured, tolerance, max_rounds, budget_macs
+            )
     return result
+
+
+def _reaches(speedup: float, goal: float, tolerance: float, floor: bool) -> bool:
+    """Within ``tolerance`` of ``goal``; or, with a MAC budget (``floor``), at least that."""
+    if floor:
+        return speedup >= goal * (1 - tolerance)
+    return abs(speedup / goal - 1) <= tolerance
 
 
 def _under_the_ceiling(
@@ -184,13 +224,16 @@ def _under_the_ceiling(
     measured: list[tuple[Allocation, Trial]],
     tolerance: float,
     max_rounds: int,
+    budget_macs: float | None,
 ) -> None:
     """Replace the fastest allocation in ``result`` by the least-error one measured within
     ``tolerance`` of the ceiling (the fastest allocation's speed-up)."""
     ceiling = max(trial.speedup for _, trial in measured)
     rounds = max_rounds - len(measured) - 1  # the new search measures the start again
     if rounds > 0:
-        again = search(tables, measure, ceiling * (1 - tolerance / 2), tolerance / 2, rounds)
+        again = search(
+            tables, measure, ceiling * (1 - tolerance / 2), tolerance / 2, rounds, budget_macs
+        )
         result.trials.extend(again.trials)
         result.measurements += again.measurements
         measured = [*measured, (again.allocation, _as_trial(again))]
@@ -248,12 +291,21 @@ def _closer(trial: Trial, other: Trial, goal: float, tolerance: float) -> bool:
 
 
 def _why_not(
-    tables: Sequence[LayerTable], result: LoopResult, reference_s: float, floor_s: float
+    tables: Sequence[LayerTable],
+    result: LoopResult,
+    reference_s: float,
+    floor_s: float,
+    macs: bool = False,
 ) -> str:
     share = sum(t.reference_s for t in tables) / reference_s if reference_s > 0 else 0.0
     if result.speedup < result.goal and result.trials and result.trials[-1].layer_s <= floor_s:
+        quickest = (
+            "the quickest allocation near the MAC budget"
+            if macs
+            else "every layer at its fastest choice"
+        )
         return (
-            f"{result.goal:.3g}x is out of reach: with every layer at its fastest choice the "
+            f"{result.goal:.3g}x is out of reach: with {quickest} the "
             f"model measures {result.speedup:.3g}x; the layers that can be decomposed take "
             f"{share:.0%} of its time alone, the rest (activations, additions, pooling, layers "
             "left out) keeps its cost"

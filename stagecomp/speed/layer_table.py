@@ -10,7 +10,7 @@ latency budget is ever better spent on them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from torch import nn
@@ -38,6 +38,8 @@ class LayerOption:
         params: Parameters of the layer with this choice.
         seconds: Measured (or injected) latency of the layer with this choice.
         error: Predicted squared error of this choice (0 for the layer as it is).
+        macs: Multiply-accumulates of the layer with this choice on the example input
+            (counted only when a MAC budget asks for them; 0 otherwise).
     """
 
     method: str | None
@@ -45,6 +47,7 @@ class LayerOption:
     params: int
     seconds: float
     error: float
+    macs: int = 0
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,7 @@ def build_layer_table(
     multiple: int,
     priced: nn.Module | None = None,
     relative: bool = True,
+    count_macs: Callable[[Structure | None], int] | None = None,
 ) -> LayerTable:
     """The choices of one layer.
 
@@ -105,14 +109,21 @@ def build_layer_table(
         priced: The layer whose spectra price the choices (``weight_seen_by_data``);
             default ``module``.
         relative: Errors relative to the layer's energy (``False``: absolute).
+        count_macs: MACs of the layer with a structure (``None``: dense), for a MAC
+            budget; without it every choice records 0.
     """
     shape = LayerShape.from_module(module, name)
     timed_shape = LayerShape.from_module(timed, name)
     current = current_structure(module)
     params = sum(p.numel() for p in module.parameters())
+
+    def macs(structure: Structure | None) -> int:
+        return count_macs(structure) if count_macs is not None else 0
+
     if layer_input is None:
         reason = "the example input never reaches this layer, so its latency cannot be measured"
-        return LayerTable(name, current, 0.0, (LayerOption(None, None, params, 0.0, 0.0),), reason)
+        kept = LayerOption(None, None, params, 0.0, 0.0, macs(current))
+        return LayerTable(name, current, 0.0, (kept,), reason)
     input_shape, channels_last = layer_input
 
     def candidate(structure: Structure | None, count: int) -> Candidate:
@@ -126,7 +137,7 @@ def build_layer_table(
         dense = timed_shape.build_dense(device=place.device, dtype=place.dtype)
         reference_s = chooser.time(candidate(None, shape.dense_params), dense, options)
         current_s = chooser.time(candidate(current, params), timed, options)
-    found = [LayerOption(None, None, params, current_s, 0.0)]
+    found = [LayerOption(None, None, params, current_s, 0.0, macs(current))]
     for method in methods:
         handler = get_method(method)
         if not handler.applies_to(shape, options):
@@ -156,7 +167,9 @@ def build_layer_table(
             count = cls.param_count(shape, ranks, options)
             seconds = chooser.time(candidate((method, ranks), count), timed, options)
             if seconds < current_s:
-                found.append(LayerOption(method, ranks, count, seconds, error))
+                found.append(
+                    LayerOption(method, ranks, count, seconds, error, macs((method, ranks)))
+                )
     note = None if len(found) > 1 else "no decomposition is faster than the layer as it is"
     return LayerTable(name, current, reference_s, tuple(found), note)
 

@@ -13,6 +13,12 @@ the device, batch size, dtype and memory layout it serves with:
    measured speed-up is within ``tolerance`` of the target (``stagecomp.speed.closed_loop``),
    or the best reachable one is kept with the reason.
 
+With ``macs=`` the model must also end with that many times fewer MACs: the allocation
+then meets a MAC budget too, and ``target`` becomes the least speed-up to reach. That is
+the path for a compute cut that turns into time: ``Speedup(0.85 * r, macs=r)`` spends the
+MAC cut ``r`` where it buys speed (layers bound by memory traffic stay as they are) and
+asks for an efficiency (speed-up over MAC cut) of at least 0.85.
+
 Stage ``s`` of ``S`` aims at ``target ** ((s + 1) / S)``, like ``Reduction``. The strategy
 needs the whole model, so the Compressor calls ``prepare`` before each stage's first step
 (``needs_model``); each layer's method then comes from ``pick_method`` and its ranks from
@@ -24,7 +30,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -33,11 +39,13 @@ from torch import nn
 
 from stagecomp.errors import RankError, StagecompError
 from stagecomp.latency_aware import LatencyAware, LatencyChooser, Timer, layer_inputs
+from stagecomp.layer_shape import LayerShape
 from stagecomp.methods import check_method
-from stagecomp.speed.allocation import total_error
+from stagecomp.speed.allocation import total_error, total_macs
 from stagecomp.speed.closed_loop import LoopResult, Measure, search
 from stagecomp.speed.error_curves import layers_seen_by_data
 from stagecomp.speed.layer_table import LayerOption, LayerTable, Structure, build_layer_table
+from stagecomp.speed.mac_count import MacCounter
 from stagecomp.speed.model_clock import ModelClock, ModelTimer
 from stagecomp.strategies.base import MethodPick, ModelRequest, RankRequest
 from stagecomp.surgery import get_module
@@ -63,6 +71,8 @@ class SpeedupOutcome:
         rounds: Whole-model measurements the loop made.
         seconds: Time the strategy took (tables, spectra, the loop).
         picks: The choice of every layer.
+        mac_cut: With ``macs=``: how many times fewer MACs the model has with ``picks``
+            than with every target layer dense (on the example input).
     """
 
     stage: int
@@ -74,13 +84,15 @@ class SpeedupOutcome:
     rounds: int
     seconds: float
     picks: dict[str, LayerOption] = field(repr=False)
+    mac_cut: float | None = None
 
     def __str__(self) -> str:
         kept = sum(p.method is None for p in self.picks.values())
         status = "reached" if self.reached else f"not reached: {self.reason}"
+        macs = "" if self.mac_cut is None else f", {self.mac_cut:.3g}x fewer MACs"
         return (
             f"stage {self.stage + 1}: {self.goal:.3g}x asked, {self.measured:.3g}x measured "
-            f"({status}); {len(self.picks) - kept} layers decomposed, {kept} as they are; "
+            f"({status}{macs}); {len(self.picks) - kept} layers decomposed, {kept} as they are; "
             f"{self.rounds} whole-model measurements, {self.seconds:.1f} s"
         )
 
@@ -94,7 +106,11 @@ class Speedup:
     error on the calibration data instead of their weight error.
 
     Attributes:
-        target: Whole-model speed-up over the dense model by the last stage (> 1).
+        target: Whole-model speed-up over the dense model by the last stage (> 1); with
+            ``macs`` the least one.
+        macs: Also cut the model's MACs (counted by fvcore on the example input, against
+            every target layer dense) this many times by the last stage (> 1); ``None``
+            puts no bound on them.
         batch_size: Time at this batch size instead of the example input's.
         device: Time on this device (e.g. ``"cuda"``) instead of the model's.
         methods: Candidate methods; those that do not apply to a layer are passed over,
@@ -117,6 +133,7 @@ class Speedup:
     """
 
     target: float
+    macs: float | None = None
     batch_size: int | None = None
     device: str | None = None
     methods: tuple[str, ...] = ("svd", "tucker2")
@@ -153,6 +170,16 @@ class Speedup:
             raise RankError(
                 f"Speedup target {target!r} is not allowed; expected a finite number > 1 "
                 "(e.g. 2 for a model twice as fast)"
+            )
+        macs = self.macs
+        if macs is not None and (
+            isinstance(macs, bool)
+            or not isinstance(macs, (int, float))
+            or not (math.isfinite(macs) and macs > 1)
+        ):
+            raise StagecompError(
+                f"Speedup macs={macs!r} is not allowed; expected a finite number > 1 "
+                "(e.g. 2 for half the MACs) or None"
             )
         if isinstance(self.methods, str):
             object.__setattr__(self, "methods", (self.methods,))
@@ -250,6 +277,13 @@ class Speedup:
             )
             timed, inputs = clock.current, clock.inputs
         chooser = LatencyChooser(chooser_config, inputs, self.layer_cache)
+        shapes = {name: LayerShape.from_module(modules[name], name) for name in names}
+        counter = budget_macs = None
+        if self.macs is not None:
+            counter = MacCounter(request.model, request.example_input, names, request.options)
+            budget_macs = counter.layer_budget(
+                shapes, self.macs ** ((request.stage + 1) / request.stages)
+            )
         tables = [
             build_layer_table(
                 name,
@@ -262,10 +296,18 @@ class Speedup:
                 self.round_to,
                 priced.get(name),
                 relative,
+                _counting(counter, name, shapes[name]),
             )
             for name in names
         ]
-        result = search(tables, self._measure(tables, clock), goal, self.tolerance, self.max_rounds)
+        result = search(
+            tables,
+            self._measure(tables, clock),
+            goal,
+            self.tolerance,
+            self.max_rounds,
+            budget_macs,
+        )
         outcome = SpeedupOutcome(
             stage=request.stage,
             goal=goal,
@@ -276,6 +318,7 @@ class Speedup:
             rounds=result.measurements,
             seconds=time.perf_counter() - started,
             picks=dict(result.allocation),
+            mac_cut=None if counter is None else counter.cut(shapes, total_macs(result.allocation)),
         )
         self._state[request.stage] = outcome
         self._reasons(request.stage, tables, result)
@@ -311,6 +354,7 @@ class Speedup:
         return {
             "strategy": "speedup",
             "target": self.target,
+            "macs": self.macs,
             "batch_size": self.batch_size,
             "device": self.device,
             "methods": list(self.methods),
@@ -391,6 +435,15 @@ class Speedup:
                     f"{quickest.ranks} at error {quickest.error:.3g}"
                 )
             self._notes[(stage, table.name)] = f"Speedup: {why}"
+
+
+def _counting(
+    counter: MacCounter | None, name: str, shape: LayerShape
+) -> Callable[[Structure | None], int] | None:
+    """Layer ``name``'s MAC count for ``build_layer_table`` (``None`` without a budget)."""
+    if counter is None:
+        return None
+    return lambda structure: counter.count(name, shape, structure)
 
 
 __all__ = ["ERRORS", "Speedup", "SpeedupOutcome"]
