@@ -35,6 +35,7 @@ from stagecomp.serialization import RECIPE_FILE, WEIGHTS_FILE, save
 from stagecomp.strategies.base import RankStrategy
 from stagecomp.strategies.manual import Manual
 from stagecomp.strategies.reduction import Reduction
+from stagecomp.strategies.speedup import Speedup
 from stagecomp.strategies.vbmf import VBMF
 from stagecomp.zoo import build_torchvision_model, load_into, load_weights_file
 
@@ -138,12 +139,29 @@ def _parse_rank(text: str) -> int | tuple[int, ...]:
 
 
 def _strategy(args: argparse.Namespace) -> RankStrategy:
-    owner = {"rate": "reduction", "weakening": "vbmf", "rank": "manual"}
+    owner = {
+        "rate": "reduction",
+        "weakening": "vbmf",
+        "rank": "manual",
+        "speedup": "speedup",
+        "macs": "speedup",
+        "batch_size": "speedup",
+    }
     for option, strategy in owner.items():
         if getattr(args, option) is not None and args.strategy != strategy:
+            flag = option.replace("_", "-")
             raise CLIError(
-                f"--{option} applies to --strategy {strategy}, not --strategy {args.strategy}"
+                f"--{flag} applies to --strategy {strategy}, not --strategy {args.strategy}"
             )
+    if args.strategy == "speedup":
+        try:
+            return Speedup(
+                2.0 if args.speedup is None else args.speedup,
+                macs=args.macs,
+                batch_size=args.batch_size,
+            )
+        except StagecompError as error:
+            raise CLIError(_one_line(error)) from None
     if args.strategy == "reduction":
         return Reduction(2.0 if args.rate is None else args.rate)
     if args.strategy == "vbmf":
@@ -282,6 +300,10 @@ def _compress(args: argparse.Namespace) -> int:
         "seconds": round(seconds, 3),
         "summary": summary,
     }
+    if isinstance(strategy, Speedup):
+        measured = [f"Speedup {outcome}" for outcome in strategy.outcomes]
+        extra["speedup"] = measured
+        report = "\n".join([report, *measured])
     folder = save(model, args.out, extra=extra)
     (folder / "report.txt").write_text(report + "\n")
     print(report)
@@ -309,6 +331,7 @@ examples:
   stagecomp compress resnet50 --strategy reduction --rate 3 --stages 2 --exclude fc --out r50
   stagecomp compress resnet18 --weights my_resnet18.pt --strategy vbmf --out resnet18_vbmf
   stagecomp compress vgg16 --strategy manual --rank 64 --conv-method cp3 --out vgg16_cp3
+  stagecomp compress resnet50 --strategy speedup --speedup 1.7 --macs 2 --out r50_fast
   stagecomp report resnet18_r2
 
 VBMF finds structure in trained weights only: without --weights it replaces nothing.
@@ -390,11 +413,12 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("model", metavar="MODEL", help="torchvision model name, e.g. resnet18")
     compress.add_argument(
         "--strategy",
-        choices=("vbmf", "reduction", "manual"),
+        choices=("vbmf", "reduction", "manual", "speedup"),
         required=True,
         help=(
             "how ranks are chosen: VBMF's noise floor (meant for trained weights: random "
-            "ones have none), a parameter-reduction rate, or ranks you give"
+            "ones have none), a parameter-reduction rate, ranks you give, or a whole-model "
+            "speed-up measured on this machine"
         ),
     )
     compress.add_argument(
@@ -417,6 +441,27 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="N[,M...]",
         help="manual: one int caps every rank; N,M,... gives exact ranks",
+    )
+    compress.add_argument(
+        "--speedup",
+        type=float,
+        default=None,
+        metavar="S",
+        help="speedup: the whole model S times faster, timed here (default: 2)",
+    )
+    compress.add_argument(
+        "--macs",
+        type=float,
+        default=None,
+        metavar="M",
+        help="speedup: also M times fewer MACs; S is then the least speed-up",
+    )
+    compress.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="speedup: time at batch N (default: 1)",
     )
     compress.add_argument(
         "--conv-method",

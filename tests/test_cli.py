@@ -94,6 +94,9 @@ def test_usage_errors_are_one_line(
         (["compress", MODEL, "--strategy", "reduction", "--exclude", "feature.0"], ["features.0"]),
         (["compress", MODEL, "--strategy", "reduction", "--weights", "nope.pt"], ["nope.pt"]),
         (["compress", MODEL, "--strategy", "reduction", "--input-size", "4"], ["--input-size"]),
+        (["compress", MODEL, "--strategy", "reduction", "--macs", "2"], ["--macs", "speedup"]),
+        (["compress", MODEL, "--strategy", "vbmf", "--batch-size", "8"], ["--batch-size"]),
+        (["compress", MODEL, "--strategy", "speedup", "--macs", "0.5"], ["macs=0.5", "> 1"]),
     ],
 )
 def test_compress_errors_are_one_line(
@@ -141,6 +144,27 @@ def test_compress_report_load_round_trip(
     )
     assert f"-> {cli._human(real)}" in next(x for x in lines if x.startswith("decomposed layers"))
     assert sum(p.numel() for p in loaded.parameters()) == summary["params_after"]
+
+
+def test_compress_to_a_measured_speedup_and_mac_cut(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    out = tmp_path / "fast"
+    argv = ["compress", MODEL, "--strategy", "speedup", "--speedup", "1.2", "--macs", "1.5"]
+    code, stdout, err = run([*argv, "--input-size", "32", "--quiet", "--out", str(out)], capsys)
+    assert code == 0, err
+    recipe = json.loads((out / "stagecomp.json").read_text())
+    strategy = recipe["extra"]["strategy"]
+    assert strategy["strategy"] == "speedup" and strategy["target"] == 1.2
+    assert strategy["macs"] == 1.5
+    (line,) = recipe["extra"]["speedup"]
+    assert line in stdout and "fewer MACs" in line
+    # Every layer is a target, so the MAC budget bounds the whole model.
+    fresh = torchvision.models.get_model(MODEL, weights=None).eval()
+    x = torch.randn(1, 3, 32, 32)
+    before = sc.model_stats(fresh, x).macs
+    after = sc.model_stats(sc.load(torchvision.models.get_model(MODEL, weights=None), out), x)
+    assert before / after.macs >= 1.5 * 0.999
 
 
 def test_report_of_a_plain_save_has_no_model_totals(

@@ -410,6 +410,15 @@ def test_speedup_with_macs_cuts_the_model_macs_as_asked() -> None:
     assert free.outcome(0).mac_cut is None
 
 
+def test_a_mac_budget_out_of_reach_is_reported_not_hidden() -> None:
+    strategy = sc.Speedup(1.2, macs=200.0, timer=_layer_ms)
+    _compress(strategy)
+    outcome = strategy.outcome(0)
+    assert not outcome.reached and outcome.reason is not None
+    assert "macs=200 is out of reach" in outcome.reason and "fewest MACs" in outcome.reason
+    assert outcome.mac_cut is not None and 1.0 < outcome.mac_cut < 200
+
+
 def test_bad_mac_budgets_are_refused() -> None:
     for macs in (1.0, 0.5, float("nan"), True, "2"):
         with pytest.raises(sc.StagecompError, match="Speedup macs="):

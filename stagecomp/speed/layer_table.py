@@ -5,7 +5,8 @@ Latencies come from the latency-aware timer (``LatencyChooser.time``: timed at t
 shape, dtype, memory format and device the layer really sees, cached per geometry, so the
 repeated blocks of a ResNet are timed once); errors from ``error_curves``. Choices that
 are not faster than the layer as it is, or that would not shrink it, are dropped: no
-latency budget is ever better spent on them.
+latency budget is ever better spent on them (a MAC budget may be: with one, the slower
+choices stay).
 """
 
 from __future__ import annotations
@@ -110,7 +111,8 @@ def build_layer_table(
             default ``module``.
         relative: Errors relative to the layer's energy (``False``: absolute).
         count_macs: MACs of the layer with a structure (``None``: dense), for a MAC
-            budget; without it every choice records 0.
+            budget; without it every choice records 0. With it, choices slower than the
+            layer as it is are kept too: the MAC budget may need them.
     """
     shape = LayerShape.from_module(module, name)
     timed_shape = LayerShape.from_module(timed, name)
@@ -166,7 +168,7 @@ def build_layer_table(
         for ranks, error in zip(grid, errors, strict=True):
             count = cls.param_count(shape, ranks, options)
             seconds = chooser.time(candidate((method, ranks), count), timed, options)
-            if seconds < current_s:
+            if seconds < current_s or count_macs is not None:
                 found.append(
                     LayerOption(method, ranks, count, seconds, error, macs((method, ranks)))
                 )

@@ -308,6 +308,17 @@ class Speedup:
             self.max_rounds,
             budget_macs,
         )
+        mac_cut = None
+        if counter is not None and budget_macs is not None:
+            mac_cut = counter.cut(shapes, total_macs(result.allocation))
+            if total_macs(result.allocation) > budget_macs:
+                fewest = sum(min(o.macs for o in t.options) for t in tables)
+                result.reached = False
+                result.reason = (
+                    f"macs={self.macs:g} is out of reach: with every layer at its choice of "
+                    f"fewest MACs the model has {counter.cut(shapes, fewest):.3g}x fewer "
+                    "(layers left out and operations that are not layers keep theirs)"
+                )
         outcome = SpeedupOutcome(
             stage=request.stage,
             goal=goal,
@@ -318,7 +329,7 @@ class Speedup:
             rounds=result.measurements,
             seconds=time.perf_counter() - started,
             picks=dict(result.allocation),
-            mac_cut=None if counter is None else counter.cut(shapes, total_macs(result.allocation)),
+            mac_cut=mac_cut,
         )
         self._state[request.stage] = outcome
         self._reasons(request.stage, tables, result)
