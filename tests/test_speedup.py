@@ -410,6 +410,18 @@ def test_speedup_with_macs_cuts_the_model_macs_as_asked() -> None:
     assert free.outcome(0).mac_cut is None
 
 
+def test_mac_budgets_grow_by_stage_against_the_dense_model() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16)
+    before = sc.model_stats(Net(), x).macs
+    strategy = sc.Speedup(1.2, macs=2.0, timer=_layer_ms)
+    compressor = _compress(strategy, stages=2)
+    first, second = strategy.outcomes
+    assert first.mac_cut is not None and second.mac_cut is not None
+    assert math.sqrt(2.0) <= first.mac_cut < 2.0 <= second.mac_cut <= 2.3
+    assert second.mac_cut == pytest.approx(before / sc.model_stats(compressor.model, x).macs)
+
+
 def test_a_mac_budget_out_of_reach_is_reported_not_hidden() -> None:
     strategy = sc.Speedup(1.2, macs=200.0, timer=_layer_ms)
     _compress(strategy)

@@ -11,9 +11,10 @@ time on the move that removes the most error and still fits. The closed loop cor
 rest by measurement.
 
 A second budget, on the summed MACs, adds a second multiplier: for each latency
-multiplier the least MAC multiplier that meets the MAC budget is found by bisection, and
-the latency multiplier by an outer bisection. That is many more picks, so they are made
-on padded tensors, all layers at once.
+multiplier a bisection finds the MAC multiplier (signed: it may reward MACs) whose
+allocation has the most MACs within the budget, and an outer bisection finds the latency
+multiplier. That is many more picks, so they are made on padded tensors, all layers at
+once.
 """
 
 from __future__ import annotations
@@ -196,7 +197,8 @@ def _allocate_both(tables: Sequence[LayerTable], budget_s: float, budget_macs: f
     def meeting_macs(lam: float) -> torch.Tensor | None:
         """The picks for ``lam`` with the most MACs on the hull that meet the MAC budget:
         the MAC multiplier is signed, so a latency multiplier that would cut more MACs
-        than asked is pulled back to the budget (a MAC cut is a target, not a floor)."""
+        than asked is pulled back towards the budget (the MACs a layer keeps cost no
+        accuracy, and often little time)."""
         lo, hi = -25.0, 25.0
         if padded.totals(padded.pick(lam, _signed(hi)))[1] > scaled_m:
             return None

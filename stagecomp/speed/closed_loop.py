@@ -17,8 +17,9 @@ each layer to its smallest rank for the last few percent of speed (measured on r
 at 3x: 20x fewer MACs, weight error 0.95, for 2.59x). The loop aims again, just under the
 ceiling it measured, and keeps the least-error allocation within ``tolerance`` of it.
 
-With a MAC budget as well (``Speedup(macs=...)``) every allocation sums to about that
-many MACs (see ``allocation``), and the speed-up asked becomes a floor: the loop first
+With a MAC budget as well (``Speedup(macs=...)``) every allocation sums to at most that
+many MACs, and as near it as its latency budget allows (see ``allocation``), and the
+speed-up asked becomes a floor: the loop first
 measures the least-error allocation at the MAC budget alone, keeps it when it is fast
 enough (faster is then no fault: the MAC cut is what was asked), and otherwise trades
 error for speed at the same MAC cut as above; the ceiling is then the quickest
