@@ -9,6 +9,7 @@ which method each layer gets (or why it stays as it is) before asking its ranks.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -19,6 +20,17 @@ from stagecomp.calibration import LayerStatistics
 from stagecomp.layer_shape import LayerShape
 from stagecomp.layers.base import DecomposedLayer
 from stagecomp.options import DecomposeOptions
+
+
+def is_factor_above_one(value: object) -> bool:
+    """Whether ``value`` is a finite number > 1 (a bool is not): a rate, a speed-up or a
+    MAC cut, each of which must shrink or speed up the model to mean anything."""
+    return (
+        not isinstance(value, bool)
+        and isinstance(value, (int, float))
+        and math.isfinite(value)
+        and value > 1
+    )
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from stagecomp.errors import RankError
 from stagecomp.layer_shape import LayerShape
 from stagecomp.layers.base import DecomposedLayer, describe
 from stagecomp.options import DecomposeOptions
+from stagecomp.strategies.base import is_factor_above_one
 
 if TYPE_CHECKING:
     from stagecomp.strategies.base import RankRequest
@@ -83,11 +84,7 @@ class Reduction:
     rate: float = 2.0
 
     def __post_init__(self) -> None:
-        if (
-            isinstance(self.rate, bool)
-            or not isinstance(self.rate, (int, float))
-            or not (math.isfinite(self.rate) and self.rate > 1)
-        ):
+        if not is_factor_above_one(self.rate):
             raise RankError(
                 f"reduction rate {self.rate!r} is not allowed; expected a number > 1 "
                 "(e.g. 2 for 2x fewer parameters; 1 would change the layers and save nothing)"

@@ -28,7 +28,6 @@ needs the whole model, so the Compressor calls ``prepare`` before each stage's f
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -47,7 +46,12 @@ from stagecomp.speed.error_curves import layers_seen_by_data
 from stagecomp.speed.layer_table import LayerOption, LayerTable, Structure, build_layer_table
 from stagecomp.speed.mac_count import MacCounter
 from stagecomp.speed.model_clock import ModelClock, ModelTimer
-from stagecomp.strategies.base import MethodPick, ModelRequest, RankRequest
+from stagecomp.strategies.base import (
+    MethodPick,
+    ModelRequest,
+    RankRequest,
+    is_factor_above_one,
+)
 from stagecomp.surgery import get_module
 
 logger = logging.getLogger(__name__)
@@ -162,21 +166,13 @@ class Speedup:
 
     def __post_init__(self) -> None:
         target = self.target
-        if (
-            isinstance(target, bool)
-            or not isinstance(target, (int, float))
-            or not (math.isfinite(target) and target > 1)
-        ):
+        if not is_factor_above_one(target):
             raise RankError(
                 f"Speedup target {target!r} is not allowed; expected a finite number > 1 "
                 "(e.g. 2 for a model twice as fast)"
             )
         macs = self.macs
-        if macs is not None and (
-            isinstance(macs, bool)
-            or not isinstance(macs, (int, float))
-            or not (math.isfinite(macs) and macs > 1)
-        ):
+        if macs is not None and not is_factor_above_one(macs):
             raise StagecompError(
                 f"Speedup macs={macs!r} is not allowed; expected a finite number > 1 "
                 "(e.g. 2 for half the MACs) or None"
