@@ -136,7 +136,6 @@ def search(
             if not result.reached:
                 result.reason = f"the MAC budget alone measures {first_speedup:.3g}x"
             return result
-        max_rounds -= 1
     elif abs(start_speedup / goal - 1) <= tolerance:
         result.reached = True
         return result
@@ -156,7 +155,7 @@ def search(
     # First guess: the whole model's time scales with its layers' time.
     budget = start_layer_s - (1 / first_speedup - 1 / goal) * dense_layer_s
     at_floor = False
-    for _ in range(max_rounds):
+    for _ in range(max_rounds - len(measured)):  # the MAC-only trial counts as one
         slow = min((p for p in points if p[1] > 1 / goal), key=lambda p: p[0])
         fast = max((p for p in points if p[1] <= 1 / goal), key=lambda p: p[0], default=None)
         low = fast[0] if fast is not None else floor_s
